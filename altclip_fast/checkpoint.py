@@ -1,0 +1,227 @@
+"""Finding, reading and checking AltCLIP checkpoints. Shared by the reference and the fast model.
+
+- ``resolve_model_dir``: a local directory, or a Hugging Face Hub id through huggingface_hub.
+- ``read_state_dict``: ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
+  ``pytorch_model.bin`` (optionally sharded), read with ``weights_only=True``.
+- ``canonicalize_keys``: one key layout whatever wrote the file (see below), stale buffers dropped.
+- ``load_into``: checks every name and shape against a module, then assigns the tensors.
+
+Key layouts. The BAAI/AltCLIP hub file (transformers 4) names layers ``vision_model.encoder.layers.N``
+and ``text_model.roberta.encoder.layer.N``; transformers 5's ``save_pretrained`` writes ``layer.N``
+for both towers. The canonical layout is transformers 4.38's, which the reference's modules mirror.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+__all__ = [
+    "WEIGHTS_FILES",
+    "resolve_model_dir",
+    "find_weights",
+    "read_state_dict",
+    "canonicalize_keys",
+    "load_into",
+    "resolve_dtype",
+]
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+# In order of preference: safetensors cannot run code and loads without a copy.
+WEIGHTS_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)
+
+# What a model directory may hold besides weights: configs, tokenizer and processor files.
+_HUB_SMALL_FILES = ["*.json", "*.model", "*.txt"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
+    """Return a local directory holding the checkpoint ``path_or_id``.
+
+    An existing directory is used as it is. Anything else that looks like a hub id (``org/name``)
+    is fetched with huggingface_hub, which honours its cache and ``HF_HUB_OFFLINE``. Only
+    safetensors weights are fetched when the repository has them; ``pytorch_model.bin`` otherwise.
+    """
+    text = os.fspath(path_or_id)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{text} is a file; expected a model directory (with config.json and weights)")
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "") or text.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(text):
+        raise CheckpointError(f"{text}: no such directory")
+    return _download_from_hub(text)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointError(
+            f"{repo_id!r} is not a local directory, and fetching it from the Hugging Face Hub needs "
+            "huggingface_hub: pip install 'altclip-fast[hub]' (or pass a local directory)"
+        ) from None
+    try:
+        local = Path(
+            huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_SMALL_FILES + ["*.safetensors"])
+        )
+        if find_weights(local) is None:
+            local = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["pytorch_model*.bin"]))
+    except Exception as exc:  # huggingface_hub raises many types: network, auth, offline cache miss
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"could not get {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}). "
+            "Without network access, pass a local directory that holds config.json and the weights, "
+            "or set HF_HUB_OFFLINE=1 to use a copy already in the cache"
+        ) from None
+    return local
+
+
+def find_weights(model_dir: str | os.PathLike) -> Path | None:
+    """The weights file (or index) ``read_state_dict`` would read, or None."""
+    for name in WEIGHTS_FILES:
+        candidate = Path(model_dir) / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read every tensor of the checkpoint in ``model_dir`` onto the CPU, keys as stored."""
+    weights = find_weights(model_dir)
+    if weights is None:
+        raise CheckpointError(f"{model_dir} has no weights: expected one of {', '.join(WEIGHTS_FILES)}")
+    if weights.name.endswith(".index.json"):
+        return _read_sharded(weights)
+    return _read_file(weights)
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} could not be read ({type(exc).__name__}: {str(exc).strip()[:200]}); "
+            "it may be truncated or corrupt: download it again"
+        ) from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return dict(state)
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index_path} is not a valid shard index ({type(exc).__name__}: {exc})") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path} names shard {shard}, which is missing from {index_path.parent}")
+        state.update(_read_file(shard_path))
+    listed_but_absent = sorted(set(weight_map) - set(state))
+    if listed_but_absent:
+        raise CheckpointError(
+            f"{index_path} lists tensors its shards do not hold: {_preview(listed_but_absent)}"
+        )
+    return state
+
+
+# Buffers that older files saved and that the models recompute: position ids, token type ids.
+_STALE_BUFFER = re.compile(r"(^|\.)(position_ids|token_type_ids)$")
+_VISION_LAYER = re.compile(r"^(|.*\.)(vision_model\.encoder)\.layer\.(\d+)\.")
+_TEXT_LAYER = re.compile(r"^(|.*\.)(roberta\.encoder)\.layers\.(\d+)\.")
+
+
+def canonicalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename keys to the transformers 4.38 layout and drop stale buffers."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if _STALE_BUFFER.search(key):
+            continue
+        key = _VISION_LAYER.sub(r"\1\2.layers.\3.", key)
+        key = _TEXT_LAYER.sub(r"\1\2.layer.\3.", key)
+        if key in out:
+            raise CheckpointError(f"checkpoint holds {key} twice, under both layer layouts")
+        out[key] = value
+    return out
+
+
+def _preview(names: Iterable[str], limit: int = 20) -> str:
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_into(
+    module: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    source: str = "checkpoint",
+) -> None:
+    """Assign ``state_dict`` to ``module`` after checking that names and shapes match exactly.
+
+    ``module`` may live on the meta device: every parameter is replaced, none is left at its
+    initial value. Floating-point tensors are converted to ``dtype`` once, here.
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched, 10)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
+    tensors = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state_dict.items()
+    }
+    module.load_state_dict(tensors, strict=True, assign=True)
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``None`` means float32 (transformers 4's default); names like ``"bf16"`` are accepted."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.").lower()
+        if key not in _DTYPE_NAMES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+        return _DTYPE_NAMES[key]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    return dtype

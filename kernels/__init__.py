@@ -1,0 +1,4 @@
+"""Triton kernels: pure functions on tensors, with no knowledge of AltCLIP.
+
+One op per module, each a ``@triton.jit`` kernel plus a launcher that validates its inputs.
+"""

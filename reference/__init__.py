@@ -1,0 +1,4 @@
+"""Plain PyTorch AltCLIP, faithful to transformers' modeling_altclip.py: the numerical ground truth.
+
+It knows nothing about kernels. ``reference.ops`` holds the plain ops the kernel tests compare against.
+"""

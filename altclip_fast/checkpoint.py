@@ -18,10 +18,12 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
-from .errors import CheckpointError
+from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig, read_json
+from .errors import CheckpointError, ConfigError
 
 __all__ = [
     "WEIGHTS_FILES",
@@ -31,6 +33,8 @@ __all__ = [
     "canonicalize_keys",
     "load_into",
     "resolve_dtype",
+    "Checkpoint",
+    "load_checkpoint",
 ]
 
 SAFETENSORS = "model.safetensors"
@@ -225,3 +229,47 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
     return dtype
+
+
+class Checkpoint(NamedTuple):
+    """What a model class needs to build itself: its config and its canonical weights."""
+
+    config: Any  # AltCLIPConfig, AltCLIPTextConfig or AltCLIPVisionConfig, as ``part`` asks
+    state_dict: dict[str, torch.Tensor]
+    source: str  # the weights file, for error messages
+
+
+# Standalone tower checkpoints (transformers' AltCLIPTextModel / AltCLIPVisionModel.save_pretrained)
+# name their config so; a full model's keys carry a tower prefix that a standalone tower lacks.
+_PARTS = {
+    "model": (AltCLIPConfig, None, None),
+    "text": (AltCLIPTextConfig, "text_config", "text_model."),
+    "vision": (AltCLIPVisionConfig, "vision_config", "vision_model."),
+}
+
+
+def load_checkpoint(path_or_id: str | os.PathLike, part: str = "model") -> Checkpoint:
+    """Read config and weights for the whole model (``part="model"``) or one tower (``"text"``,
+    ``"vision"``). A tower may come from a full AltCLIP checkpoint (the other tower's weights are
+    then left out on purpose) or from a standalone tower checkpoint. Keys are canonical."""
+    if part not in _PARTS:
+        raise ValueError(f"part must be one of {sorted(_PARTS)}, got {part!r}")
+    config_cls, section, prefix = _PARTS[part]
+    model_dir = resolve_model_dir(path_or_id)
+    raw = read_json(model_dir / "config.json")
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    weights = find_weights(model_dir)
+    state = canonicalize_keys(read_state_dict(model_dir))
+    source = str(weights)
+    if part == "model" or model_type == config_cls.model_type:
+        return Checkpoint(config_cls.from_dict(raw), state, source)
+    if model_type != AltCLIPConfig.model_type:
+        raise ConfigError(
+            f"{model_dir / 'config.json'}: model_type must be 'altclip' or {config_cls.model_type!r}, got {model_type!r}"
+        )
+    config = getattr(AltCLIPConfig.from_dict(raw), section)
+    if part == "text":  # AltCLIPTextModel's own keys are the full model's minus "text_model."
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    else:  # AltCLIPVisionModel keeps the "vision_model." prefix, as in transformers
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}
+    return Checkpoint(config, state, source)

@@ -2,3 +2,4 @@
 
 One op per module, each a ``@triton.jit`` kernel plus a launcher that validates its inputs.
 """
+from .attention import attention

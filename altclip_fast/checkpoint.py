@@ -259,8 +259,12 @@ def load_checkpoint(path_or_id: str | os.PathLike, part: str = "model") -> Check
     raw = read_json(model_dir / "config.json")
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     weights = find_weights(model_dir)
-    state = canonicalize_keys(read_state_dict(model_dir))
+    state = read_state_dict(model_dir)
     source = str(weights)
+    if part == "vision" and model_type == config_cls.model_type and not any(k.startswith(prefix) for k in state):
+        # transformers 5's standalone AltCLIPVisionModel dropped the "vision_model." level of 4.x.
+        state = {prefix + k: v for k, v in state.items()}
+    state = canonicalize_keys(state)
     if part == "model" or model_type == config_cls.model_type:
         return Checkpoint(config_cls.from_dict(raw), state, source)
     if model_type != AltCLIPConfig.model_type:

@@ -1,0 +1,217 @@
+"""The reference AltCLIP against transformers' AltCLIPModel, in fp32, on random checkpoints written by
+transformers' own ``save_pretrained`` and read back through our ``from_pretrained``.
+
+Measured here (transformers 5.24, torch 2.13 CPU): tiny configs reach ~2e-7 relative error, the
+full BAAI/AltCLIP-size model ~1e-6 (24 post-LN layers). The bounds leave a few-fold margin.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import reference  # noqa: E402
+from altclip_fast.config import AltCLIPConfig  # noqa: E402
+from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, save_hf, tiny_config  # noqa: E402
+from tests.parity import logits_err, rel_err  # noqa: E402
+
+TOL = 2e-6  # relative error, every tensor
+FULL_TOL = 5e-6
+LOGITS_TOL = 1e-6  # cosine units
+
+CONFIGS = {
+    # text head_dim 20, vision head_dim 16, 4x4 patches + CLS = 17 image tokens
+    "hd20-hd16": tiny_config(),
+    # hidden 60 / 80 (not powers of two), 7x7 patches + CLS = 50 tokens, 3 layers
+    "odd-50tok": tiny_config(
+        text_hidden=60, text_heads=3, vision_hidden=80, vision_heads=5, layers=3, image_size=50, patch_size=7
+    ),
+    # image 44 with patch 8 leaves a ragged border the conv drops: 5x5 + CLS = 26 tokens
+    "ragged-26tok": tiny_config(
+        text_hidden=48, text_heads=3, vision_hidden=60, vision_heads=3, image_size=44, patch_size=8, project_dim=20
+    ),
+}
+
+LENGTHS = [5, 9, 3, 9, 1]  # padded to 9 with an attention mask; a text may be just one token
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(config, transformers model, our reference model loaded from the saved directory)."""
+    config = CONFIGS[request.param]
+    hf = random_hf_model(config, seed=len(request.param))
+    directory = save_hf(hf, tmp_path_factory.mktemp(request.param))
+    ours = reference.AltCLIPModel.from_pretrained(directory)
+    return config, hf, ours
+
+
+def inputs(config: AltCLIPConfig, lengths=LENGTHS, images: int = 3):
+    ids, mask = make_text_batch(config, lengths, seed=1)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=make_pixels(config, images, seed=2))
+
+
+def assert_tower_matches(ours, theirs, tol, *, hidden_states=True):
+    assert rel_err(ours.last_hidden_state, theirs.last_hidden_state) < tol
+    assert rel_err(ours.pooler_output, theirs.pooler_output) < tol
+    if hidden_states:
+        assert len(ours.hidden_states) == len(theirs.hidden_states)
+        for i, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
+            assert rel_err(a, b) < tol, f"hidden state {i}"
+
+
+def assert_model_matches(ours, theirs, logit_scale, tol):
+    # Square batches make logits_per_image and logits_per_text the same shape: compare by name.
+    assert logits_err(ours.logits_per_image, theirs.logits_per_image, logit_scale) < LOGITS_TOL
+    assert logits_err(ours.logits_per_text, theirs.logits_per_text, logit_scale) < LOGITS_TOL
+    assert rel_err(ours.text_embeds, theirs.text_embeds) < tol
+    assert rel_err(ours.image_embeds, theirs.image_embeds) < tol
+    assert_tower_matches(ours.text_model_output, theirs.text_model_output, tol)
+    assert_tower_matches(ours.vision_model_output, theirs.vision_model_output, tol)
+
+
+@torch.no_grad()
+def test_forward_matches_transformers(pair):
+    config, hf, ours = pair
+    batch = inputs(config, lengths=LENGTHS[:3])  # 3 texts x 3 images: the contrastive loss needs a square batch
+    theirs = hf(**batch, return_loss=True, output_hidden_states=True)
+    mine = ours(**batch, return_loss=True, output_hidden_states=True)
+    assert_model_matches(mine, theirs, hf.logit_scale, TOL)
+    assert abs(mine.loss.item() - theirs.loss.item()) < 1e-5 * max(1.0, abs(theirs.loss.item()))
+
+
+@torch.no_grad()
+def test_non_square_batch_and_left_padding(pair):
+    config, hf, ours = pair
+    batch = inputs(config, images=2)
+    # Left-pad two rows: RoBERTa positions must still count real tokens only.
+    ids, mask = batch["input_ids"].clone(), batch["attention_mask"].clone()
+    for row in (0, 2):
+        ids[row] = torch.roll(ids[row], int((1 - mask[row]).sum()))
+        mask[row] = torch.roll(mask[row], int((1 - mask[row]).sum()))
+    batch.update(input_ids=ids, attention_mask=mask)
+    theirs = hf(**batch, output_hidden_states=True)
+    mine = ours(**batch, output_hidden_states=True)
+    assert mine.logits_per_image.shape == (2, len(LENGTHS))
+    assert_model_matches(mine, theirs, hf.logit_scale, TOL)
+
+
+@torch.no_grad()
+def test_attentions_match_eager_transformers(pair):
+    config, hf, ours = pair
+    hf.set_attn_implementation("eager")  # sdpa cannot return attention maps
+    try:
+        batch = inputs(config)
+        theirs = hf(**batch, output_attentions=True)
+        mine = ours(**batch, output_attentions=True)
+    finally:
+        hf.set_attn_implementation("sdpa")
+    for tower in ("text_model_output", "vision_model_output"):
+        a, b = mine[tower].attentions, theirs[tower].attentions
+        assert len(a) == len(b) == getattr(config, tower.split("_")[0] + "_config").num_hidden_layers
+        for layer, (x, y) in enumerate(zip(a, b)):
+            # Padded keys get exactly zero weight in both; compare the real ones.
+            assert rel_err(x, y) < TOL, f"{tower} layer {layer}"
+    assert mine.text_model_output.hidden_states is None  # not requested
+
+
+@torch.no_grad()
+def test_return_dict_false_gives_transformers_tuples(pair):
+    config, hf, ours = pair
+    batch = inputs(config, lengths=LENGTHS[:3])
+    theirs = hf(**batch, return_loss=True, return_dict=False)
+    mine = ours(**batch, return_loss=True, return_dict=False)
+
+    def flatten(x):
+        return [t for item in x for t in flatten(item)] if isinstance(x, (tuple, list)) else [x]
+
+    a, b = flatten(mine), flatten(theirs)
+    assert isinstance(mine, tuple) and len(mine) == len(theirs) == 7  # loss + 4 tensors + 2 tower tuples
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert x.shape == y.shape, f"element {i}"
+        assert (x - y).abs().max() < 1e-4 * max(1.0, y.abs().max().item()), f"element {i}"
+
+
+@torch.no_grad()
+def test_feature_getters_return_tensors(pair):
+    config, hf, ours = pair
+    batch = inputs(config)
+
+    def tensor_of(x):  # transformers 5 returns an output object, transformers 4 a tensor
+        return x if isinstance(x, torch.Tensor) else x.pooler_output
+
+    text = ours.get_text_features(batch["input_ids"], batch["attention_mask"])
+    image = ours.get_image_features(batch["pixel_values"])
+    assert isinstance(text, torch.Tensor) and text.shape == (len(LENGTHS), config.projection_dim)
+    assert isinstance(image, torch.Tensor) and image.shape == (3, config.projection_dim)
+    assert rel_err(text, tensor_of(hf.get_text_features(batch["input_ids"], batch["attention_mask"]))) < TOL
+    assert rel_err(image, tensor_of(hf.get_image_features(batch["pixel_values"]))) < TOL
+
+
+@torch.no_grad()
+def test_explicit_position_ids_token_type_ids_and_inputs_embeds(pair, tmp_path):
+    config, hf, ours = pair
+    ids, mask = make_text_batch(config, [4, 7], seed=3)
+    position_ids = torch.arange(2, 2 + ids.shape[1]).expand_as(ids).flip(1).contiguous()  # deliberately unusual
+    token_type_ids = torch.zeros_like(ids)
+    kwargs = dict(attention_mask=mask, position_ids=position_ids, token_type_ids=token_type_ids)
+    theirs = hf.text_model(input_ids=ids, **kwargs)
+    mine = ours.text_model(input_ids=ids, **kwargs)
+    assert_tower_matches(mine, theirs, TOL, hidden_states=False)
+
+    embeds = hf.text_model.roberta.embeddings.word_embeddings(ids)
+    theirs = hf.text_model(inputs_embeds=embeds, attention_mask=mask)
+    mine = ours.text_model(inputs_embeds=embeds, attention_mask=mask)
+    assert_tower_matches(mine, theirs, TOL, hidden_states=False)
+
+
+@torch.no_grad()
+def test_towers_load_on_their_own(pair, tmp_path):
+    config, hf, ours = pair
+    directory = tmp_path / "full"
+    save_hf(hf, directory)
+    batch = inputs(config)
+    text = reference.AltCLIPTextModel.from_pretrained(directory)
+    vision = reference.AltCLIPVisionModel.from_pretrained(directory)
+    assert_tower_matches(
+        text(batch["input_ids"], batch["attention_mask"], output_hidden_states=True),
+        hf.text_model(batch["input_ids"], batch["attention_mask"], output_hidden_states=True),
+        TOL,
+    )
+    assert_tower_matches(
+        vision(batch["pixel_values"], output_hidden_states=True),
+        hf.vision_model(batch["pixel_values"], output_hidden_states=True),
+        TOL,
+    )
+    # Checkpoints of a single tower, as transformers' tower classes save them.
+    hf_text = transformers.AltCLIPTextModel(hf.config.text_config)
+    hf_text.load_state_dict(hf.text_model.state_dict())
+    save_hf(hf_text.eval(), tmp_path / "text")
+    hf_vision = transformers.AltCLIPVisionModel(hf.config.vision_config)
+    # transformers 4 nests the tower under .vision_model, transformers 5 does not.
+    getattr(hf_vision, "vision_model", hf_vision).load_state_dict(hf.vision_model.state_dict())
+    save_hf(hf_vision.eval(), tmp_path / "vision")
+    text_alone = reference.AltCLIPTextModel.from_pretrained(tmp_path / "text")
+    vision_alone = reference.AltCLIPVisionModel.from_pretrained(tmp_path / "vision")
+    assert rel_err(text_alone(batch["input_ids"], batch["attention_mask"]).pooler_output,
+                   text(batch["input_ids"], batch["attention_mask"]).pooler_output) == 0.0
+    assert rel_err(vision_alone(batch["pixel_values"]).pooler_output,
+                   vision(batch["pixel_values"]).pooler_output) == 0.0
+
+
+@pytest.mark.full_size
+@torch.no_grad()
+def test_full_size_baai_architecture(tmp_path):
+    """The real BAAI/AltCLIP architecture (random weights): 24+24 layers, hidden 1024, 257 image tokens."""
+    config = AltCLIPConfig()
+    hf = random_hf_model(config, seed=7)
+    directory = save_hf(hf, tmp_path)
+    ours = reference.AltCLIPModel.from_pretrained(directory)
+    batch = inputs(config, lengths=[5, 12], images=2)
+    theirs = hf(**batch, return_loss=True, output_hidden_states=True)
+    mine = ours(**batch, return_loss=True, output_hidden_states=True)
+    assert mine.vision_model_output.last_hidden_state.shape == (2, 257, 1024)
+    assert len(mine.text_model_output.hidden_states) == 25
+    assert_model_matches(mine, theirs, hf.logit_scale, FULL_TOL)

@@ -229,8 +229,10 @@ class AltCLIPConfig:
             override = data.get(f"{name}_dict")
             if section is None and override is None:
                 raise ConfigError(f"config is missing the required field {name!r}")
-            merged = dict(section or {})
-            merged.update(override or {})
+            for key, value in ((name, section), (f"{name}_dict", override)):
+                if value is not None and not isinstance(value, dict):
+                    raise ConfigError(f"config field {key!r} must be a JSON object, got {type(value).__name__}")
+            merged = {**(section or {}), **(override or {})}
             sections[name] = sub.from_dict(merged)
         kwargs = {k: data[k] for k in ("projection_dim", "logit_scale_init_value") if k in data}
         return cls(**sections, **kwargs)

@@ -63,8 +63,8 @@ def load_variant(name: str | None) -> types.ModuleType:
     source = SOURCE
     if name is not None:
         old, new = MUTANTS[name]
-        assert source.count(old) == 1, f"mutation site for {name!r} not found once in reference/modeling.py"
-        source = source.replace(old, new)
+        assert old in source, f"mutation site for {name!r} not found in reference/modeling.py"
+        source = source.replace(old, new)  # every occurrence: both post-LN sublayers of a text layer, say
     module = types.ModuleType(f"reference._mutant_{abs(hash(name))}")
     module.__package__ = "reference"  # so `from . import ops` resolves
     exec(compile(source, f"<reference/modeling.py: {name}>", "exec"), module.__dict__)

@@ -30,9 +30,9 @@ MUTANTS = {
         "sequence, all_hidden, all_probs = self.roberta.encoder(self.pre_LN(hidden), mask)\n"
         "        projection_state = self.transformation(sequence)",
     ),
-    "text layers pre-LN instead of post-LN": (
+    "text LayerNorm on the branch instead of after the residual add": (
         "return self.LayerNorm(self.dense(hidden_states) + input_tensor)  # post-LN",
-        "return self.dense(self.LayerNorm(hidden_states)) + input_tensor",
+        "return self.LayerNorm(self.dense(hidden_states)) + input_tensor",
     ),
     "vision layers post-LN instead of pre-LN": (
         "attn_out, probs = self.self_attn(self.layer_norm1(hidden_states), mask)  # pre-LN\n"

@@ -3,3 +3,5 @@
 One op per module, each a ``@triton.jit`` kernel plus a launcher that validates its inputs.
 """
 from .attention import attention
+from .layer_norm import add_layer_norm
+from .linear import linear

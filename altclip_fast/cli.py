@@ -1,11 +1,316 @@
-"""The ``altclip-fast`` command line."""
+"""The ``altclip-fast`` command line: ``classify``, ``embed`` and ``bench``.
 
+Every mistake a user can make (a missing path, a model directory without weights, a hub id without
+network, no labels, an empty folder, an output that exists) ends in one ``altclip-fast: error: ...``
+line and a non-zero exit: 2 for a wrong command line or input, 1 for a failure while running.
+Heavy imports (torch, the model) happen only once the arguments have been checked, so these
+errors come back in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+from .errors import AltCLIPError
+
+DEFAULT_MODEL = "BAAI/AltCLIP"
 
 
-def main(argv=None) -> int:
-    print("altclip-fast: no subcommands yet; `altclip-fast bench` arrives with the fast model", file=sys.stderr)
-    return 2
+class UsageError(AltCLIPError):
+    """A wrong command line or input: exit status 2."""
+
+    exit_code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line ("... error: ...; see --help"), not usage + error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device torch knows (try auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def auto_dtype(device):
+    """The dtype ``--dtype auto`` means: the one place this choice is made.
+
+    GPU: bf16 where the card supports it (Ampere and later), else fp16. CPU: fp32, the safe choice
+    (no reduced-precision drift in embeddings); it stays until bf16 on CPU is measured to be worth it.
+    """
+    import torch
+
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def pick_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return auto_dtype(device)
+    dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise UsageError("--dtype fp16 is not supported on CPU (use fp32 or bf16)")
+    return dtype
+
+
+def resolve_model(model: str) -> Path:
+    """The model directory (hub ids are fetched); checked to hold weights before anything is loaded."""
+    from .checkpoint import WEIGHTS_FILES, find_weights, resolve_model_dir
+
+    directory = resolve_model_dir(model)
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"{model}: not a model directory (no config.json)")
+    if find_weights(directory) is None:
+        raise UsageError(f"{model}: the model directory has no weights (expected one of {', '.join(WEIGHTS_FILES)})")
+    return directory
+
+
+def load_model(model_dir: Path, device, dtype):
+    """Load AltCLIP for inference: the fast model when it is installed, else the plain reference."""
+    try:
+        from altclip_fast import AltCLIPModel
+    except (ImportError, AttributeError):
+        from reference import AltCLIPModel
+    return AltCLIPModel.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+
+
+def load_processor(model_dir: Path, *, exif_transpose: bool = True):
+    from .processor import AltCLIPProcessor
+
+    return AltCLIPProcessor.from_pretrained(model_dir, exif_transpose=exif_transpose)
+
+
+class Session:
+    """Model, processor, device and dtype, from the common options; the model loads on first use."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = pick_device(args.device)
+        self.dtype = pick_dtype(args.dtype, self.device)
+        self.model_dir = resolve_model(args.model)
+        self.processor = load_processor(self.model_dir, exif_transpose=not args.no_exif_transpose)
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_model(self.model_dir, self.device, self.dtype)
+        return self._model
+
+    def describe(self) -> str:
+        import torch
+
+        name = str(self.dtype).removeprefix("torch.")
+        kind = type(self.model).__module__.split(".")[0]
+        return f"{self.args.model} ({kind} model) on {self.device} in {name}" + (
+            f" with {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        )
+
+
+# ---------------------------------------------------------------------------------------------- classify
+
+
+def _label_texts(labels: list[str], template: str | None) -> list[str]:
+    if template is None:
+        return labels
+    if "{}" not in template:
+        raise UsageError(f"--template must contain {{}} where the label goes, got {template!r}")
+    return [template.replace("{}", label) for label in labels]
+
+
+def cmd_classify(args) -> int:
+    labels = [label for label in (args.labels or []) if label.strip()]
+    if not labels:
+        raise UsageError("no labels: pass --labels with at least one label, e.g. --labels cat dog")
+    texts = _label_texts(labels, args.template)
+    for image in args.images:
+        if not Path(image).exists():
+            raise UsageError(f"{image}: no such file")
+        if Path(image).is_dir():
+            raise UsageError(f"{image} is a directory: classify takes image files (embed takes folders)")
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+
+    import torch
+
+    session = Session(args)
+    model, processor = session.model, session.processor
+    with torch.inference_mode():
+        # The labels are embedded once for the whole run, not once per batch of images.
+        text = processor(text=texts).to(session.device)
+        label_embeds = model.get_text_features(text["input_ids"], text["attention_mask"]).float()
+        label_embeds = label_embeds / label_embeds.norm(dim=-1, keepdim=True)
+        scale = model.logit_scale.float().exp()
+
+        results = []
+        ip = processor.image_processor
+        for start in range(0, len(args.images), args.batch_size):
+            names = args.images[start : start + args.batch_size]
+            crops, good = [], []
+            for name in names:
+                try:
+                    crops.append(ip.prepare(name))
+                    good.append(name)
+                except AltCLIPError as exc:
+                    results.append({"image": name, "error": str(exc)})
+                    print(f"altclip-fast: skipped {exc}", file=sys.stderr)
+            if not crops:
+                continue
+            pixels = torch.from_numpy(ip.to_pixel_values(crops)).to(session.device, session.dtype)
+            image_embeds = model.get_image_features(pixels).float()
+            image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+            probs = (scale * image_embeds @ label_embeds.T).softmax(dim=-1).cpu()
+            k = min(args.top_k, len(labels))
+            top = probs.topk(k, dim=-1)
+            for name, values, indices in zip(good, top.values.tolist(), top.indices.tolist()):
+                results.append({
+                    "image": name,
+                    "predictions": [{"label": labels[i], "probability": round(p, 6)} for p, i in zip(values, indices)],
+                })
+    order = {name: i for i, name in enumerate(args.images)}
+    results.sort(key=lambda r: order[r["image"]])
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+    else:
+        print(_table(results))
+    return 0 if any("predictions" in r for r in results) else 1
+
+
+def _table(results: list[dict]) -> str:
+    width = max([len(p["label"]) for r in results for p in r.get("predictions", [])] + [5])
+    lines = []
+    for r in results:
+        lines.append(r["image"])
+        if "error" in r:
+            lines.append(f"  (skipped: {r['error']})")
+        for p in r.get("predictions", []):
+            lines.append(f"  {p['label']:<{width}}  {100 * p['probability']:6.2f}%")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- embed
+
+
+def cmd_embed(args) -> int:
+    from .embed import run
+
+    return run(args, Session)
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+def cmd_bench(argv: list[str]) -> int:
+    try:
+        from . import benchmark
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.benchmark":
+            raise
+        raise UsageError(
+            "`altclip-fast bench` is not available in this build: the benchmark (altclip_fast.benchmark) "
+            "has not landed yet"
+        ) from None
+    parser = _Parser(prog="altclip-fast bench", description="End-to-end benchmark of the fast model.")
+    benchmark.add_arguments(parser)
+    return int(benchmark.run(parser.parse_args(argv)) or 0)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("model options")
+    group.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"local model directory or Hugging Face Hub id (default: {DEFAULT_MODEL})")
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"],
+                       help="auto: bf16 (fp16 on pre-Ampere GPUs) on GPU, fp32 on CPU")
+    group.add_argument("--batch-size", type=int, default=32, help="items per model call (default: 32)")
+    group.add_argument("--no-exif-transpose", action="store_true",
+                       help="ignore EXIF orientation (by default photos are turned upright, as transformers "
+                            "does for image paths)")
+
+    parser = _Parser(prog="altclip-fast", description="Fast multilingual CLIP (AltCLIP): classify, embed, bench.")
+    sub = parser.add_subparsers(dest="command", metavar="{classify,embed,bench}")
+    sub.required = True
+
+    p = sub.add_parser("classify", parents=[common], help="zero-shot classification of images",
+                       description="Zero-shot classification: the top-k labels per image with probabilities.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--labels", nargs="*", metavar="LABEL", help="candidate labels (any language)")
+    p.add_argument("--template", default=None, help='prompt template, e.g. "a photo of a {}"')
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=cmd_classify)
+
+    p = sub.add_parser("embed", parents=[common], help="embed a folder of images or a file of captions",
+                       description="Embed images (a folder, searched recursively, or a glob) or captions (a text "
+                                   "file, one per line) into an .npy or .safetensors file plus a metadata file "
+                                   "(<out>.meta.json) mapping rows to inputs.")
+    p.add_argument("input", metavar="INPUT", help="folder, glob (quote it: 'photos/**/*.jpg') or text file")
+    p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes that decode and resize images (default: up to 8, "
+                        "one per spare CPU core)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run, reusing its written batches")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and discard a partial run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_embed)
+
+    sub.add_parser("bench", help="end-to-end benchmark (see `altclip-fast bench --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["bench"]:
+            # The benchmark owns its options; they are read only when it runs, so that the other
+            # commands (and --help) do not import it.
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        if getattr(args, "batch_size", 1) < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+        return int(args.run(args) or 0)
+    except AltCLIPError as exc:
+        print(f"altclip-fast: error: {_one_line(exc)}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("altclip-fast: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `altclip-fast classify ... | head`: the reader left; nothing to report.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (checkpoint errors may list names over several lines)."""
+    return "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

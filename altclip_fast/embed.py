@@ -1,0 +1,403 @@
+"""``altclip-fast embed``: a folder, glob or caption file -> embeddings on disk, nothing lost.
+
+How a run is kept safe:
+
+- Inputs are listed and sorted up front and cut into batches of ``--batch-size``. Batch ``k`` is
+  written, as soon as it is computed, to ``.<out>.partial/batch-<k>.npz`` through a temporary file,
+  fsync and rename, so a batch file on disk is always complete.
+- ``.<out>.partial/plan.json`` records what the run computes (the inputs' digest, model, dtype,
+  normalisation, batch size). ``--resume`` checks it and computes only the batches that have no file.
+- When every batch is done, ``<out>.meta.json`` (rows -> inputs, skipped inputs and why) and then the
+  output itself are written to temporary names and renamed into place. The output appears last,
+  so an output file always means a finished run; the partial directory is removed after that.
+- An image that cannot be read is reported, recorded in the metadata and skipped; it never stops
+  the run. Decoding and resizing run in DataLoader worker processes (``--workers``).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .cli import UsageError
+from .errors import AltCLIPError
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+)
+OUTPUT_SUFFIXES = (".npy", ".safetensors")
+PLAN_VERSION = 1
+
+# Fault injection for the tests: SIGKILL this process right after that many batch files are
+# written, the way an OOM killer or a lost SSH session would end a real run.
+_CRASH_AFTER_BATCHES = "_ALTCLIP_FAST_CRASH_AFTER_BATCHES"
+
+
+@dataclass
+class Inputs:
+    kind: str  # "image" or "text"
+    items: list[str]  # paths, or captions
+    rows: list[dict]  # per item, what the metadata file says about it
+    skipped: list[dict] = field(default_factory=list)  # dropped before embedding (blank lines)
+
+
+def _has_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _is_image_name(path: str | Path) -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_inputs(spec: str) -> Inputs:
+    """A folder (recursive), a glob, an image file, or a text file with one caption per line."""
+    path = Path(spec).expanduser()
+    if not path.exists() and _has_glob(spec):
+        matches = sorted(p for p in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(p))
+        images = [p for p in matches if _is_image_name(p)]
+        if not images:
+            raise UsageError(f"{spec}: no image files match this pattern")
+        return Inputs("image", images, [{"path": p} for p in images])
+    if not path.exists():
+        raise UsageError(f"{spec}: no such file or directory")
+    if path.is_dir():
+        images = sorted(str(p) for p in path.rglob("*") if p.is_file() and _is_image_name(p.name))
+        if not images:
+            raise UsageError(
+                f"{spec}: no images found in this folder or below (looked for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        return Inputs("image", images, [{"path": p} for p in images])
+    if _is_image_name(path.name):
+        return Inputs("image", [str(path)], [{"path": str(path)}])
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{spec}: not UTF-8 text (expected an image folder, a glob, or one caption per line)") from None
+    inputs = Inputs("text", [], [])
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            inputs.items.append(line)
+            inputs.rows.append({"line": number, "text": line})
+        else:
+            inputs.skipped.append({"line": number, "reason": "blank line"})
+    if not inputs.items:
+        raise UsageError(f"{spec}: no captions (the file has no non-blank lines)")
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+class PartialRun:
+    """The batch files of a run in progress, in ``.<out>.partial/``."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def start(self, plan: dict, resume: bool) -> dict:
+        """Create the directory, or check that the run found there computes the same thing.
+        Returns the plan in force (a resumed run keeps its batch size)."""
+        plan_file = self.directory / "plan.json"
+        if resume and plan_file.is_file():
+            old = json.loads(plan_file.read_text(encoding="utf-8"))
+            differ = [k for k in plan if k != "batch_size" and old.get(k) != plan[k]]
+            if differ:
+                details = ", ".join(f"{k}: {old.get(k)!r} then, {plan[k]!r} now" for k in differ)
+                raise UsageError(
+                    f"cannot resume: the interrupted run in {self.directory} computed something else ({details}); "
+                    "rerun with its options or pass --overwrite to start over"
+                )
+            for stale in self.directory.glob(".*.tmp"):
+                stale.unlink()
+            return old
+        if self.directory.exists():
+            shutil.rmtree(self.directory)
+        self.directory.mkdir(parents=True)
+        tmp = self.directory / ".plan.json.tmp"
+        tmp.write_text(json.dumps(plan, indent=1), encoding="utf-8")
+        _fsync_replace(tmp, plan_file)
+        return plan
+
+    def batch_file(self, k: int) -> Path:
+        return self.directory / f"batch-{k:06d}.npz"
+
+    def done(self, count: int) -> set[int]:
+        """Batches with a readable file. A file that fails to load is deleted and recomputed."""
+        done = set()
+        for k in range(count):
+            path = self.batch_file(k)
+            if path.is_file():
+                try:
+                    with np.load(path, allow_pickle=False) as data:
+                        data["embeddings"], data["indices"]
+                    done.add(k)
+                except Exception:
+                    path.unlink()
+        return done
+
+    def write(self, k: int, embeddings: np.ndarray, indices: list[int], skipped: list[int], reasons: list[str]) -> None:
+        tmp = self.directory / f".batch-{k:06d}.npz.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                embeddings=embeddings.astype(np.float32, copy=False),
+                indices=np.asarray(indices, dtype=np.int64),
+                skipped=np.asarray(skipped, dtype=np.int64),
+                reasons=np.asarray(reasons, dtype=str),
+            )
+        _fsync_replace(tmp, self.batch_file(k))
+
+    def read(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        with np.load(self.batch_file(k), allow_pickle=False) as data:
+            return data["embeddings"], data["indices"], data["skipped"], [str(r) for r in data["reasons"]]
+
+
+# ---------------------------------------------------------------------------------------------- compute
+
+
+class _ImageFiles:
+    """Dataset of image paths -> (index, uint8 crop or None, reason); runs in DataLoader workers."""
+
+    def __init__(self, paths: list[str], image_processor):
+        self.paths = paths
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            return index, self.image_processor.prepare(path), None
+        except AltCLIPError as exc:
+            return index, None, str(exc).removeprefix(f"{path}: ")
+        except Exception as exc:  # a decoder bug on one odd file must not end a long run
+            return index, None, f"{type(exc).__name__}: {exc}"
+
+
+def _as_list(batch):
+    return batch
+
+
+def default_workers() -> int:
+    """One worker per spare core, up to 8: decoding is the only CPU-heavy part of a GPU run."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def _image_batches(inputs: Inputs, pending: list[list[int]], session, workers: int):
+    """Yield ``(indices, pixel_values or None, skipped, reasons)`` per pending batch, in order."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    ip = session.processor.image_processor
+    loader = DataLoader(
+        _ImageFiles(inputs.items, ip),
+        batch_sampler=pending,
+        num_workers=workers,
+        collate_fn=_as_list,
+        pin_memory=session.device.type == "cuda",
+    )
+    for batch in loader:
+        ok = [(i, crop) for i, crop, _ in batch if crop is not None]
+        skipped = [i for i, crop, _ in batch if crop is None]
+        reasons = [reason for _, crop, reason in batch if crop is None]
+        pixels = None
+        if ok:
+            pixels = torch.from_numpy(ip.to_pixel_values([crop for _, crop in ok]))
+        yield [i for i, _ in ok], pixels, skipped, reasons
+
+
+def _text_batches(inputs: Inputs, pending: list[list[int]], session):
+    tokenizer = session.processor.tokenizer
+    for indices in pending:
+        encoded = tokenizer([inputs.items[i] for i in indices])
+        yield indices, encoded, [], []
+
+
+def _embed(session, kind: str, payload, normalize: bool) -> np.ndarray:
+    import torch
+
+    model, device = session.model, session.device
+    with torch.inference_mode():
+        if kind == "image":
+            features = model.get_image_features(payload.to(device, session.dtype, non_blocking=True))
+        else:
+            features = model.get_text_features(payload["input_ids"].to(device), payload["attention_mask"].to(device))
+        features = features.float()
+        if normalize:
+            features = features / features.norm(dim=-1, keepdim=True)
+        return features.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _summary(kind: str, embedded: int, reused: int, skipped: list[dict], out: Path, meta: Path, seconds: float,
+             computed: int) -> str:
+    noun = "images" if kind == "image" else "captions"
+    text = f"embedded {embedded} {noun} into {out}"
+    if reused:
+        text += f" ({reused} reused from the interrupted run, {computed} computed now)"
+    rate = computed / seconds if seconds > 0 else 0.0
+    text += f" in {seconds:.1f}s ({rate:.1f} {noun}/s)"
+    if skipped:
+        kinds = Counter(s["category"] for s in skipped)
+        text += f"; skipped {len(skipped)}: " + ", ".join(f"{n} {c}" for c, n in sorted(kinds.items()))
+        text += f" (listed in {meta})"
+    else:
+        text += "; skipped 0"
+    return text
+
+
+def run(args, session_factory) -> int:
+    out = Path(args.out).expanduser()
+    if out.suffix not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--out {args.out}: the output must end in .npy or .safetensors")
+    meta = out.with_name(out.name + ".meta.json")
+    partial = PartialRun(out.with_name(f".{out.name}.partial"))
+    if out.is_dir():
+        raise UsageError(f"--out {args.out} is a directory; give a file name ending in .npy or .safetensors")
+    if out.exists() and not args.overwrite:
+        if args.resume and not partial.directory.exists():
+            print(f"{out} is already complete; nothing to resume (pass --overwrite to recompute it)")
+            return 0
+        raise UsageError(f"{out} exists: pass --overwrite to replace it")
+    if partial.directory.exists() and not (args.resume or args.overwrite):
+        raise UsageError(
+            f"an interrupted run of this output is in {partial.directory}: pass --resume to continue it "
+            "or --overwrite to start over"
+        )
+    workers = default_workers() if args.workers is None else args.workers
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {workers}")
+    inputs = find_inputs(args.input)
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {args.out}: the folder {out.parent} does not exist")
+
+    session = session_factory(args)
+    digest = hashlib.sha256("\n".join(json.dumps(r, ensure_ascii=False) for r in inputs.rows).encode()).hexdigest()
+    plan = partial.start(
+        {
+            "version": PLAN_VERSION,
+            "kind": inputs.kind,
+            "count": len(inputs.items),
+            "inputs_sha256": digest,
+            "model": str(session.model_dir.resolve()),
+            "dtype": str(session.dtype).removeprefix("torch."),
+            "normalize": bool(args.normalize),
+            "exif_transpose": not args.no_exif_transpose,
+            "batch_size": args.batch_size,
+        },
+        resume=args.resume and not args.overwrite,
+    )
+    batch_size = plan["batch_size"]
+    if batch_size != args.batch_size:
+        print(f"altclip-fast: resuming with the interrupted run's --batch-size {batch_size}", file=sys.stderr)
+    n = len(inputs.items)
+    batches = [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
+    done = partial.done(len(batches))
+    pending = [batches[k] for k in range(len(batches)) if k not in done]
+    reused_items = sum(len(batches[k]) for k in done)
+
+    from tqdm import tqdm
+
+    session.model  # load before the clock starts: the rate shown is the embedding rate
+    crash_after = int(os.environ.get(_CRASH_AFTER_BATCHES, "0") or 0)
+    written = 0
+    started = time.perf_counter()
+    bar = tqdm(total=n, initial=reused_items, unit=" img" if inputs.kind == "image" else " text",
+               disable=args.no_progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    batch_of = {batch[0]: k for k, batch in enumerate(batches)}
+    try:
+        source = (_image_batches(inputs, pending, session, workers) if inputs.kind == "image"
+                  else _text_batches(inputs, pending, session))
+        for k_batch, (indices, payload, skipped, reasons) in zip(pending, source):
+            k = batch_of[k_batch[0]]
+            if payload is None:
+                embeddings = np.zeros((0, session.model.config.projection_dim), dtype=np.float32)
+            else:
+                embeddings = _embed(session, inputs.kind, payload, args.normalize)
+            partial.write(k, embeddings, indices, skipped, reasons)
+            written += 1
+            for i, reason in zip(skipped, reasons):
+                bar.write(f"altclip-fast: skipped {inputs.items[i]}: {reason}", file=sys.stderr)
+            bar.update(len(k_batch))
+            if crash_after and written >= crash_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"altclip-fast: interrupted; {len(done) + written} of {len(batches)} batches are saved: "
+              "rerun the same command with --resume to finish", file=sys.stderr)
+        raise
+    bar.close()
+    seconds = time.perf_counter() - started
+    computed_items = sum(len(b) for b in pending)
+    return _finish(inputs, batches, partial, out, meta, session, args, plan, reused_items, computed_items, seconds)
+
+
+def _finish(inputs, batches, partial, out, meta, session, args, plan, reused, computed, seconds) -> int:
+    parts, rows, skipped = [], [], list(inputs.skipped)
+    for s in skipped:
+        s.setdefault("category", s["reason"])
+    for k in range(len(batches)):
+        embeddings, indices, skipped_idx, reasons = partial.read(k)
+        parts.append(embeddings)
+        rows.extend(inputs.rows[i] for i in indices.tolist())
+        for i, reason in zip(skipped_idx.tolist(), reasons):
+            skipped.append({**inputs.rows[i], "reason": reason, "category": "unreadable"})
+    embedded = sum(len(p) for p in parts)
+    if embedded == 0:
+        shutil.rmtree(partial.directory)
+        for s in skipped:
+            print(f"altclip-fast: skipped {s.get('path', s.get('line'))}: {s['reason']}", file=sys.stderr)
+        raise AltCLIPError(f"none of the {len(inputs.items)} inputs could be embedded; nothing written")
+    dim = parts[0].shape[1] if parts[0].size else session.model.config.projection_dim
+
+    info = {
+        "kind": inputs.kind, "input": args.input, "model": args.model, "dtype": plan["dtype"],
+        "normalized": plan["normalize"], "exif_transpose": plan["exif_transpose"], "count": embedded, "dim": dim,
+    }
+    meta_tmp = meta.with_name(f".{meta.name}.tmp")
+    meta_tmp.write_text(json.dumps({
+        **info,
+        "output": out.name,
+        "rows": [{"row": r, **row} for r, row in enumerate(rows)],
+        "skipped": [{k: v for k, v in s.items() if k != "category"} for s in skipped],
+    }, ensure_ascii=False, indent=1), encoding="utf-8")
+    _fsync_replace(meta_tmp, meta)
+
+    data_tmp = out.with_name(f".{out.name}.tmp")
+    if out.suffix == ".npy":
+        array = np.lib.format.open_memmap(data_tmp, mode="w+", dtype=np.float32, shape=(embedded, dim))
+        row = 0
+        for part in parts:
+            array[row : row + len(part)] = part
+            row += len(part)
+        array.flush()
+        del array
+    else:
+        from safetensors.numpy import save_file
+
+        save_file({"embeddings": np.concatenate([p.reshape(-1, dim) for p in parts])}, str(data_tmp),
+                  metadata={k: str(v) for k, v in info.items()})
+    _fsync_replace(data_tmp, out)
+    shutil.rmtree(partial.directory)
+    print(_summary(inputs.kind, embedded, reused, skipped, out, meta, seconds, computed))
+    return 0

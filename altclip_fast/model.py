@@ -1,0 +1,620 @@
+"""The fast AltCLIP: a drop-in for the reference (and transformers') AltCLIPModel, AltCLIPTextModel and
+AltCLIPVisionModel.
+
+What makes it fast, all invisible in the outputs:
+
+- Weights are re-laid out once at load: one QKV matrix per layer; on CPU, the vision MLP's quick_gelu
+  folded into a SiLU that oneDNN fuses into the GEMM (see ``dispatch``). Conversion to the model's
+  dtype happens once, there too.
+- Every op goes through ``dispatch``: Triton kernels on CUDA, the fastest torch path on CPU.
+- Text runs unpadded: pad tokens are dropped before the embeddings, real tokens are packed, and
+  attention is varlen over ``cu_seqlens``. Position ids are computed on the padded grid exactly as
+  RoBERTa does, so a text's embedding does not depend on its batch.
+- ``get_text_features`` / ``get_image_features`` need only the pooled token (token 0), so the last
+  layer runs its output projection and MLP, and everything after it, for that token alone.
+
+Where it differs from transformers (documented, deliberate):
+
+- Pad positions of a text tower's per-token outputs (``last_hidden_state``, ``hidden_states``) are
+  zeros: they were never computed. transformers fills them with values no one should read.
+  With ``output_attentions=True`` the text tower runs padded, as transformers does, and those
+  positions match it too.
+- ``output_attentions=True`` needs every attention probability, so it uses explicit attention
+  (an ``[batch, heads, seq, seq]`` tensor per layer, at matmul speed, no fused kernel): expect the
+  attention part to run several times slower and to use that much more memory.
+- ``get_text_features`` / ``get_image_features`` return tensors (the reference's and transformers 4's
+  API), not transformers 5's output objects.
+- ``interpolate_pos_encoding`` is not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import canonicalize_keys, load_into, read_state_dict, resolve_dtype, resolve_model_dir
+from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig, read_json
+from .dispatch import PackedLayout, PaddedLayout, get_ops, resolve_backend
+from .encoder import EncoderLayer
+from .errors import CheckpointError, ConfigError
+from .outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
+
+__all__ = ["AltCLIPModel", "AltCLIPTextModel", "AltCLIPVisionModel", "checkpoint_shapes"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint key mapping: fast parameter -> the checkpoint keys (canonical layout, relative to the
+# tower) it is built from. Several keys are concatenated along dim 0 (the fused QKV).
+
+
+def _linear(fast: str, canonical: str, bias: bool = True) -> dict[str, tuple[str, ...]]:
+    out = {f"{fast}.weight": (f"{canonical}.weight",)}
+    if bias:
+        out[f"{fast}.bias"] = (f"{canonical}.bias",)
+    return out
+
+
+def _fused_qkv(fast: str, q: str, k: str, v: str) -> dict[str, tuple[str, ...]]:
+    return {f"{fast}.{p}": (f"{q}.{p}", f"{k}.{p}", f"{v}.{p}") for p in ("weight", "bias")}
+
+
+def _text_mapping(config: AltCLIPTextConfig) -> dict[str, tuple[str, ...]]:
+    emb = "roberta.embeddings"
+    m = {
+        "word_embeddings.weight": (f"{emb}.word_embeddings.weight",),
+        "position_embeddings.weight": (f"{emb}.position_embeddings.weight",),
+        "token_type_embeddings.weight": (f"{emb}.token_type_embeddings.weight",),
+        **_linear("embeddings_norm", f"{emb}.LayerNorm"),
+    }
+    for i in range(config.num_hidden_layers):
+        src, dst = f"roberta.encoder.layer.{i}", f"layers.{i}"
+        att = f"{src}.attention"
+        m.update(_fused_qkv(f"{dst}.qkv", f"{att}.self.query", f"{att}.self.key", f"{att}.self.value"))
+        m.update(_linear(f"{dst}.out", f"{att}.output.dense"))
+        m.update(_linear(f"{dst}.norm1", f"{att}.output.LayerNorm"))
+        m.update(_linear(f"{dst}.fc1", f"{src}.intermediate.dense"))
+        m.update(_linear(f"{dst}.fc2", f"{src}.output.dense"))
+        m.update(_linear(f"{dst}.norm2", f"{src}.output.LayerNorm"))
+    m.update(_linear("final_norm", "pre_LN"))
+    m.update(_linear("transformation", "transformation"))
+    return m
+
+
+def _vision_mapping(config: AltCLIPVisionConfig) -> dict[str, tuple[str, ...]]:
+    m = {
+        "class_embedding": ("embeddings.class_embedding",),
+        "patch_embedding": ("embeddings.patch_embedding.weight",),
+        "position_embedding": ("embeddings.position_embedding.weight",),
+        **_linear("pre_norm", "pre_layrnorm"),
+    }
+    for i in range(config.num_hidden_layers):
+        src, dst = f"encoder.layers.{i}", f"layers.{i}"
+        att = f"{src}.self_attn"
+        m.update(_fused_qkv(f"{dst}.qkv", f"{att}.q_proj", f"{att}.k_proj", f"{att}.v_proj"))
+        m.update(_linear(f"{dst}.out", f"{att}.out_proj"))
+        m.update(_linear(f"{dst}.norm1", f"{src}.layer_norm1"))
+        m.update(_linear(f"{dst}.fc1", f"{src}.mlp.fc1"))
+        m.update(_linear(f"{dst}.fc2", f"{src}.mlp.fc2"))
+        m.update(_linear(f"{dst}.norm2", f"{src}.layer_norm2"))
+    m.update(_linear("post_norm", "post_layernorm"))
+    return m
+
+
+def _prefixed(mapping: Mapping[str, tuple[str, ...]], fast: str, canonical: str) -> dict[str, tuple[str, ...]]:
+    return {fast + k: tuple(canonical + s for s in v) for k, v in mapping.items()}
+
+
+def _model_mapping(config: AltCLIPConfig) -> dict[str, tuple[str, ...]]:
+    return {
+        **_prefixed(_text_mapping(config.text_config), "text_model.", "text_model."),
+        **_prefixed(_vision_mapping(config.vision_config), "vision_model.", "vision_model."),
+        "text_projection.weight": ("text_projection.weight",),
+        "visual_projection.weight": ("visual_projection.weight",),
+        "logit_scale": ("logit_scale",),
+    }
+
+
+def _expected_shapes(module: nn.Module, mapping: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape, from the fast module's parameter shapes (fused ones split evenly)."""
+    params = dict(module.named_parameters())
+    if set(params) != set(mapping):
+        # A programming error, not a checkpoint problem: every parameter must have a source.
+        raise AssertionError(f"mapping and module disagree: {sorted(set(params) ^ set(mapping))}")
+    shapes = {}
+    for name, sources in mapping.items():
+        shape = tuple(params[name].shape)
+        part = (shape[0] // len(sources), *shape[1:]) if len(sources) > 1 else shape
+        shapes.update({s: part for s in sources})
+    return shapes
+
+
+def checkpoint_shapes(config: AltCLIPConfig) -> dict[str, tuple[int, ...]]:
+    """Every key (canonical layout) of a checkpoint for ``config``, with its shape."""
+    with torch.device("meta"):
+        model = AltCLIPModel(config)
+    return _expected_shapes(model, _model_mapping(config))
+
+
+def _preview(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _load_fused(module: nn.Module, mapping, state_dict, *, dtype, device, source: str) -> None:
+    """Check ``state_dict`` (canonical keys) against what ``module`` needs, build the fused tensors, and
+    assign them. Every checkpoint key is consumed and every parameter filled, or CheckpointError."""
+    expected = _expected_shapes(module, mapping)
+    missing = [f"{k} {expected[k]}" for k in sorted(set(expected) - set(state_dict))]
+    unexpected = [f"{k} {tuple(state_dict[k].shape)}" for k in sorted(set(state_dict) - set(expected))]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {expected[k]}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched, 10)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
+    fast = {}
+    for name, sources in mapping.items():
+        parts = [state_dict[s] for s in sources]
+        fast[name] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    _fold_for_device(module, fast, dtype=dtype, device=device)
+    load_into(module, fast, dtype=dtype, device=device, source=source)
+
+
+def _fold_for_device(module: nn.Module, fast: dict[str, torch.Tensor], *, dtype, device) -> None:
+    """Fold quick_gelu into SiLU where the target backend wants it, in fp32 before the dtype
+    conversion, so the folded weights are rounded once, as plain ones are."""
+    device = torch.device(device if device is not None else "cpu")
+    ops = get_ops(resolve_backend(getattr(module, "backend", None), device))
+    if not ops.folds_quick_gelu(device, dtype):
+        return
+    for prefix, layer in module.named_modules():
+        if isinstance(layer, EncoderLayer) and layer.activation == "quick_gelu":
+            for name, factor in layer.quick_gelu_fold_factors(True):
+                key = f"{prefix}.{name}"
+                fast[key] = fast[key].float() * factor
+            layer.quick_gelu_folded = True
+
+
+def _read_checkpoint(path_or_id) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    model_dir = resolve_model_dir(path_or_id)
+    return model_dir, read_json(Path(model_dir) / "config.json"), read_state_dict(model_dir)
+
+
+def _tower_state(raw: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A tower's keys (canonical, prefix stripped) from a full AltCLIP checkpoint (keys under ``prefix``,
+    the rest ignored) or from a checkpoint of that tower alone."""
+    if not any(k.startswith(prefix) for k in raw):
+        raw = {prefix + k: v for k, v in raw.items()}
+    state = canonicalize_keys(raw)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _tower_config(data: dict, name: str, cls):
+    if data.get("model_type") == "altclip":
+        return getattr(AltCLIPConfig.from_dict(data), name)
+    if data.get("model_type") == cls.model_type:
+        return cls.from_dict(data)
+    raise ConfigError(f"model_type must be 'altclip' or {cls.model_type!r}, got {data.get('model_type')!r}")
+
+
+class _Tower(nn.Module):
+    """What both towers share: dtype/device/backend bookkeeping and loading."""
+
+    backend: str | None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].qkv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].qkv.weight.device
+
+    def _ops(self):
+        return get_ops(resolve_backend(self.backend, self.device))
+
+    def _run_layers(self, x, layout, ops, *, keep_rows, output_attentions, output_hidden_states, to_grid):
+        hidden_states = [to_grid(x)] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, probs = layer(
+                x, layout, ops, keep_rows=keep_rows if i == last else None, output_attentions=output_attentions
+            )
+            if output_hidden_states:
+                hidden_states.append(to_grid(x))
+            if output_attentions:
+                attentions.append(probs)
+        return x, (tuple(hidden_states) if output_hidden_states else None), (
+            tuple(attentions) if output_attentions else None
+        )
+
+
+class AltCLIPTextModel(_Tower):
+    """XLM-R text tower: embeddings, post-LN encoder, ``pre_LN`` (a LayerNorm *after* the encoder)
+    and ``transformation``; the pooled output is token 0 of the projected states."""
+
+    def __init__(self, config: AltCLIPTextConfig, *, backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.config = config
+        self.backend = backend
+        h = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, h, **kw)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, h, **kw)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h, **kw)
+        self.embeddings_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, **kw)
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                h, config.num_attention_heads, config.intermediate_size, eps=config.layer_norm_eps,
+                activation=config.hidden_act, pre_norm=False, **kw,
+            )
+            for _ in range(config.num_hidden_layers)
+        )
+        self.final_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, **kw)
+        self.transformation = nn.Linear(h, config.project_dim, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None):
+        """Load the text tower of an AltCLIP checkpoint directory (or hub id), or a text-tower-only one."""
+        model_dir, data, raw = _read_checkpoint(path_or_id)
+        config = _tower_config(data, "text_config", AltCLIPTextConfig)
+        with torch.device("meta"):
+            model = cls(config, backend=backend)
+        _load_fused(
+            model, _text_mapping(config), _tower_state(raw, "text_model."),
+            dtype=resolve_dtype(dtype), device=device, source=str(model_dir),
+        )
+        return model.eval()
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ):
+        out = self.encode(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def _position_ids(self, input_ids, position_ids, batch, seqlen, device):
+        pad = self.config.pad_token_id
+        if position_ids is not None:
+            return position_ids.to(device).expand(batch, seqlen)
+        if input_ids is not None:
+            # RoBERTa: real tokens count from pad + 1, pads keep pad (fairseq's make_positions).
+            real = input_ids.ne(pad).long()
+            return torch.cumsum(real, dim=1) * real + pad
+        return torch.arange(pad + 1, seqlen + pad + 1, device=device).expand(batch, seqlen)
+
+    def encode(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        pooled_only: bool = False,
+    ):
+        """The tower's forward. With ``pooled_only`` it returns just the pooled ``[batch, project_dim]``
+        tensor, computing the last layer and the projection for token 0 alone."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("specify exactly one of input_ids and inputs_embeds")
+        if pooled_only and (output_attentions or output_hidden_states):
+            raise ValueError("pooled_only computes no per-layer outputs")
+        device, dtype, ops = self.device, self.dtype, self._ops()
+        if input_ids is not None:
+            input_ids = input_ids.to(device)
+            batch, seqlen = input_ids.shape
+        else:
+            inputs_embeds = inputs_embeds.to(device=device, dtype=dtype)
+            batch, seqlen = inputs_embeds.shape[:2]
+        pos = self._position_ids(input_ids, position_ids, batch, seqlen, device)
+        keep = attention_mask.to(device).bool() if attention_mask is not None else None
+        if keep is not None and keep.shape != (batch, seqlen):
+            raise ValueError(f"attention_mask must be {(batch, seqlen)}, got {tuple(keep.shape)}")
+
+        # Pack only when it is exact: the pooled token 0 must itself be a real token in every row.
+        # (Left padding or an empty row falls back to the padded computation.)
+        if keep is None or bool(keep.all()):
+            layout, rows = PaddedLayout(batch, seqlen, None), None
+        elif not output_attentions and bool(keep[:, 0].all()):
+            layout = PackedLayout.from_mask(keep)
+            rows = layout.grid_index
+        else:
+            layout, rows = PaddedLayout(batch, seqlen, keep), None
+
+        def select(t):  # [batch, seqlen, ...] -> the rows this layout computes
+            t = t.reshape(batch * seqlen, *t.shape[2:])
+            return t if rows is None else t.index_select(0, rows)
+
+        if inputs_embeds is not None:
+            x = select(inputs_embeds)
+        else:
+            x = F.embedding(select(input_ids), self.word_embeddings.weight)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]  # the all-zeros default, without a gather
+        else:
+            x = x + F.embedding(select(token_type_ids.to(device).expand(batch, seqlen)), self.token_type_embeddings.weight)
+        x = x + F.embedding(select(pos), self.position_embeddings.weight)
+        x = ops.layer_norm(x, self.embeddings_norm.weight, self.embeddings_norm.bias, self.config.layer_norm_eps)
+
+        def to_grid(t):  # computed rows -> [batch, seqlen, features], zeros where nothing was computed
+            if rows is None:
+                return t.view(batch, seqlen, -1)
+            grid = t.new_zeros((batch * seqlen, t.shape[-1]))
+            return grid.index_copy_(0, rows, t).view(batch, seqlen, -1)
+
+        if isinstance(layout, PackedLayout):
+            pooled_rows = layout.cu_seqlens[:-1].long()
+        else:
+            pooled_rows = torch.arange(batch, device=device) * seqlen
+        x, hidden_states, attentions = self._run_layers(
+            x, layout, ops, keep_rows=pooled_rows if pooled_only else None,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, to_grid=to_grid,
+        )
+        x = ops.layer_norm(x, self.final_norm.weight, self.final_norm.bias, self.config.layer_norm_eps)
+        projected = ops.linear(x, self.transformation.weight, self.transformation.bias)
+        if pooled_only:
+            return projected
+        return BaseModelOutputWithPoolingAndProjection(
+            last_hidden_state=to_grid(projected),
+            pooler_output=projected.index_select(0, pooled_rows),
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+
+
+class AltCLIPVisionModel(_Tower):
+    """CLIP ViT vision tower: patch embedding, class and position embeddings, ``pre_layrnorm``,
+    pre-LN encoder with quick_gelu, ``post_layernorm`` on the class token (the pooled output)."""
+
+    def __init__(self, config: AltCLIPVisionConfig, *, backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.config = config
+        self.backend = backend
+        h, c, p = config.hidden_size, config.num_channels, config.patch_size
+        self.class_embedding = nn.Parameter(torch.empty(h, **kw))
+        # The patch convolution (stride = kernel, no bias) runs as a GEMM over flattened patches.
+        self.patch_embedding = nn.Parameter(torch.empty(h, c, p, p, **kw))
+        self.position_embedding = nn.Parameter(torch.empty(config.num_positions, h, **kw))
+        self.pre_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, **kw)
+        self.layers = nn.ModuleList(
+            EncoderLayer(
+                h, config.num_attention_heads, config.intermediate_size, eps=config.layer_norm_eps,
+                activation=config.hidden_act, pre_norm=True, **kw,
+            )
+            for _ in range(config.num_hidden_layers)
+        )
+        self.post_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None):
+        """Load the vision tower of an AltCLIP checkpoint directory (or hub id), or a vision-only one."""
+        model_dir, data, raw = _read_checkpoint(path_or_id)
+        config = _tower_config(data, "vision_config", AltCLIPVisionConfig)
+        with torch.device("meta"):
+            model = cls(config, backend=backend)
+        _load_fused(
+            model, _vision_mapping(config), _tower_state(raw, "vision_model."),
+            dtype=resolve_dtype(dtype), device=device, source=str(model_dir),
+        )
+        return model.eval()
+
+    @torch.no_grad()
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        interpolate_pos_encoding: bool = False,
+    ):
+        out = self.encode(
+            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def encode(
+        self,
+        pixel_values,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        pooled_only: bool = False,
+        interpolate_pos_encoding: bool = False,
+    ):
+        """The tower's forward. With ``pooled_only`` it returns just the pooled ``[batch, hidden]``
+        tensor, computing the last layer for the class token alone."""
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        if interpolate_pos_encoding:
+            raise NotImplementedError("interpolate_pos_encoding is not supported by altclip_fast")
+        if pooled_only and (output_attentions or output_hidden_states):
+            raise ValueError("pooled_only computes no per-layer outputs")
+        cfg = self.config
+        device, dtype, ops = self.device, self.dtype, self._ops()
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != cfg.num_channels:
+            raise ValueError(
+                f"pixel_values must be [batch, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}], "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        batch, _, height, width = pixel_values.shape
+        if (height, width) != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"Input image size ({height}*{width}) doesn't match model ({cfg.image_size}*{cfg.image_size})."
+            )
+        pixel_values = pixel_values.to(device=device, dtype=dtype)
+        p, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
+        h, seqlen = cfg.hidden_size, cfg.num_positions
+        # Patches in the conv's (channel, row, col) order; a conv with stride = kernel ignores the
+        # pixels past the last whole patch, and so does this.
+        patches = (
+            pixel_values[:, :, : grid * p, : grid * p]
+            .reshape(batch, cfg.num_channels, grid, p, grid, p)
+            .permute(0, 2, 4, 1, 3, 5)
+            .reshape(batch * grid * grid, -1)
+        )
+        patch_embeds = ops.linear(patches, self.patch_embedding.view(h, -1))
+        x = torch.empty((batch, seqlen, h), device=device, dtype=dtype)
+        x[:, 0] = self.class_embedding
+        x[:, 1:] = patch_embeds.view(batch, grid * grid, h)
+        x += self.position_embedding
+        x = ops.layer_norm(x.view(batch * seqlen, h), self.pre_norm.weight, self.pre_norm.bias, cfg.layer_norm_eps)
+
+        layout = PaddedLayout(batch, seqlen, None)
+        cls_rows = torch.arange(batch, device=device) * seqlen
+        x, hidden_states, attentions = self._run_layers(
+            x, layout, ops, keep_rows=cls_rows if pooled_only else None,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            to_grid=lambda t: t.view(batch, seqlen, h),
+        )
+        cls_states = x if pooled_only else x.index_select(0, cls_rows)
+        pooled = ops.layer_norm(cls_states, self.post_norm.weight, self.post_norm.bias, cfg.layer_norm_eps)
+        if pooled_only:
+            return pooled
+        return BaseModelOutputWithPooling(
+            last_hidden_state=x.view(batch, seqlen, h),
+            pooler_output=pooled,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+
+
+class AltCLIPModel(nn.Module):
+    """Both towers, their projections and the learned temperature. Same API as ``reference.AltCLIPModel``."""
+
+    def __init__(self, config: AltCLIPConfig, *, backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.config = config
+        self.text_model = AltCLIPTextModel(config.text_config, backend=backend, **kw)
+        self.vision_model = AltCLIPVisionModel(config.vision_config, backend=backend, **kw)
+        self.text_projection = nn.Linear(config.text_config.project_dim, config.projection_dim, bias=False, **kw)
+        self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False, **kw)
+        self.logit_scale = nn.Parameter(torch.empty((), **kw))
+
+    @property
+    def backend(self) -> str | None:
+        """``None`` (auto: ``$ALTCLIP_FAST_BACKEND``, else Triton on CUDA and torch on CPU), ``"torch"``
+        or ``"triton"``."""
+        return self.text_model.backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self.text_model.backend = self.vision_model.backend = value
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_projection.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_projection.weight.device
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None) -> "AltCLIPModel":
+        """Load a checkpoint directory (or hub id) as ``reference.AltCLIPModel.from_pretrained`` does.
+
+        ``dtype``: float32 (default), float16 or bfloat16 (or their names); weights are converted
+        once, here. ``backend``: see :attr:`backend`.
+        """
+        model_dir, data, raw = _read_checkpoint(path_or_id)
+        config = AltCLIPConfig.from_dict(data)
+        return cls.from_state_dict(
+            config, canonicalize_keys(raw), dtype=dtype, device=device, backend=backend, source=str(model_dir)
+        )
+
+    @classmethod
+    def from_state_dict(
+        cls, config: AltCLIPConfig, state_dict: Mapping[str, torch.Tensor], *, dtype=None, device=None,
+        backend: str | None = None, source: str = "state dict",
+    ) -> "AltCLIPModel":
+        """Build from a state dict in the canonical key layout (``checkpoint.canonicalize_keys``)."""
+        with torch.device("meta"):
+            model = cls(config, backend=backend)
+        _load_fused(
+            model, _model_mapping(config), state_dict, dtype=resolve_dtype(dtype), device=device, source=source
+        )
+        return model.eval()
+
+    @torch.no_grad()
+    def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+        """``[batch, projection_dim]`` text embeddings (not normalised), as transformers 4 returns them."""
+        pooled = self.text_model.encode(input_ids, attention_mask, token_type_ids, position_ids, pooled_only=True)
+        return self.text_model._ops().linear(pooled, self.text_projection.weight)
+
+    @torch.no_grad()
+    def get_image_features(self, pixel_values):
+        """``[batch, projection_dim]`` image embeddings (not normalised), as transformers 4 returns them."""
+        pooled = self.vision_model.encode(pixel_values, pooled_only=True)
+        return self.vision_model._ops().linear(pooled, self.visual_projection.weight)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        return_loss: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        return_dict: bool = True,
+    ):
+        if input_ids is None or pixel_values is None:
+            raise ValueError("AltCLIPModel.forward needs both input_ids and pixel_values")
+        vision_out = self.vision_model.encode(
+            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        text_out = self.text_model.encode(
+            input_ids, attention_mask, token_type_ids, position_ids,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )
+        ops = self.text_model._ops()
+        image_embeds = ops.linear(vision_out.pooler_output, self.visual_projection.weight)
+        text_embeds = ops.linear(text_out.pooler_output, self.text_projection.weight)
+        image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
+        logits_per_text = torch.matmul(text_embeds, image_embeds.t()) * self.logit_scale.exp()
+        logits_per_image = logits_per_text.t()
+        loss = None
+        if return_loss:
+            targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
+            loss = (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_text.t(), targets)) / 2
+        out = AltCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_out,
+            vision_model_output=vision_out,
+        )
+        return out if return_dict else out.to_tuple()

@@ -16,6 +16,7 @@ _EXPORTS = {
     "AltCLIPError": "errors",
     "ConfigError": "errors",
     "CheckpointError": "errors",
+    "AltCLIPProcessor": "processor",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -180,29 +180,52 @@ def _attention_fwd(
 INTERPRETED = not isinstance(_attention_fwd, JITFunction)
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 
-# Shared-memory budget used to prune configs: A100's 163 KiB per block (H100 has 227 KiB), less headroom
-# for the layout-conversion scratch that the compiler adds on top of the K/V stage buffers.
-_SMEM_BUDGET = 140 * 1024
+# Shared memory per block on A100 is 163 KiB (H100: 227 KiB); keep a little for the compiler's scratch.
+# The estimate in `_smem_bytes` is what sm_90 cubins report exactly (sm_80 ones use less), measured with
+# tests/kernels/test_attention_aot.py.
+_SMEM_BUDGET = 160 * 1024
+_MAX_STAGES = 3
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _tile_class(head_dim: int, elem_bytes: int) -> tuple[int, int]:
+    """Head dims up to 64 share the 64-wide config list: their tiles are no larger, so whatever fits and
+    does not spill at 64 fits at 16 or 32 too, and one AOT compile of the 64 class covers them all."""
+    return max(64, _block_d(head_dim)), elem_bytes
+
+
+def _smem_bytes(bm: int, bn: int, stages: int, block_d: int, elem_bytes: int) -> int:
+    # K and V tiles are buffered `stages` deep for the software pipeline; Q stays resident.
+    return (2 * stages * bn + bm) * block_d * elem_bytes
+
+
 def _keep(config: triton.Config, block_d: int, elem_bytes: int) -> bool:
-    """Whether an autotune candidate is worth benchmarking for this head_dim block and element size."""
+    """Whether an autotune candidate is worth compiling and benchmarking for this tile class.
+
+    Every candidate costs a compile and a benchmark on each new autotune key, so the list stays short.
+    """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     warps, stages = config.num_warps, config.num_stages
     # An MMA tile gives each warp 16 query rows; more warps than BLOCK_M / 16 would sit idle.
-    if warps * 16 > bm:
+    if warps * 16 > bm or bn > bm:
         return False
-    # Per-thread fp32 live state: accumulator (BM x D) plus the score tile (BM x BN). Past ~128 floats
-    # a thread spills registers, which costs more than a smaller tile.
-    if (bm * block_d + bm * bn) // (32 * warps) > 128:
+    # fp32 with IEEE products lowers tl.dot to FMA loops whose operands live in registers. AOT builds spill
+    # ~0.5 KiB at 64 x 32 and 7-11 KiB at 64 x 64, so fp32 (the exactness path, not the fast one) gets the
+    # one smallest tile and no tuning.
+    if elem_bytes == 4 and (bm, bn) != (64, 32):
         return False
-    # K and V tiles are multi-buffered `stages` deep; Q stays resident.
-    smem = (2 * stages * bn + bm) * block_d * elem_bytes
-    return smem <= _SMEM_BUDGET
+    # Per-thread fp32 live state, accumulator (BM x D) plus score tile (BM x BN). In AOT builds of the masked
+    # kernel nothing spills up to 80 floats; at 96 ptxas spills 8-136 bytes, kept because the big tiles
+    # there are the ones the FlashAttention tutorial finds fastest on H100. The autotuner decides.
+    if (bm * block_d + bm * bn) // (32 * warps) > 96:
+        return False
+    # The pipeline depth is not tuned: take the deepest that fits, since a deeper one only costs smem.
+    if _smem_bytes(bm, bn, stages, block_d, elem_bytes) > _SMEM_BUDGET:
+        return False
+    return stages == _MAX_STAGES or _smem_bytes(bm, bn, stages + 1, block_d, elem_bytes) > _SMEM_BUDGET
 
 
 _ALL_CONFIGS = [
@@ -210,21 +233,21 @@ _ALL_CONFIGS = [
     for bm in (64, 128)
     for bn in (32, 64, 128)
     for warps in (4, 8)
-    for stages in (1, 2, 3)
+    for stages in range(1, _MAX_STAGES + 1)
 ]
 
 
 def autotune_configs(head_dim: int, dtype: torch.dtype) -> list[triton.Config]:
     """The configs the CUDA autotuner chooses from for this head_dim and dtype (also used by the AOT test)."""
-    elem_bytes = torch.empty((), dtype=dtype).element_size()
-    return [c for c in _ALL_CONFIGS if _keep(c, _block_d(head_dim), elem_bytes)]
+    block_d, elem_bytes = _tile_class(head_dim, torch.empty((), dtype=dtype).element_size())
+    return [c for c in _ALL_CONFIGS if _keep(c, block_d, elem_bytes)]
 
 
 @functools.lru_cache(maxsize=None)
 def _tuned_kernel(block_d: int, elem_bytes: int):
-    """One autotuner per (head_dim block, element size): each gets only configs that fit its tiles, so no
+    """One autotuner per tile class (see `_tile_class`): each gets only configs that fit its tiles, so no
     candidate fails to compile for lack of shared memory. The key buckets the sequence length so texts of
-    8..77 tokens share one tuning run instead of one per length."""
+    8..77 tokens share a few tuning runs instead of one per length."""
     configs = [c for c in _ALL_CONFIGS if _keep(c, block_d, elem_bytes)]
     return triton.autotune(configs=configs, key=["SEQ_BUCKET", "HEAD_DIM", "HAS_MASK", "VARLEN"])(_attention_fwd)
 
@@ -290,7 +313,7 @@ def _attention_op(
     if INTERPRETED:
         torch.library.wrap_triton(_attention_fwd)[grid](*args, **flags, **INTERPRETER_CONFIG)
     else:
-        kernel = _tuned_kernel(_block_d(head_dim), q.element_size())
+        kernel = _tuned_kernel(*_tile_class(head_dim, q.element_size()))
         torch.library.wrap_triton(kernel)[grid](*args, **flags)
     return out
 

@@ -30,17 +30,15 @@ Where it differs from transformers (documented, deliberate):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import canonicalize_keys, load_into, read_state_dict, resolve_dtype, resolve_model_dir
-from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig, read_json
+from .checkpoint import load_checkpoint, load_into, resolve_dtype
+from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
 from .dispatch import PackedLayout, PaddedLayout, get_ops, resolve_backend
 from .encoder import EncoderLayer
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
 
 __all__ = ["AltCLIPModel", "AltCLIPTextModel", "AltCLIPVisionModel", "checkpoint_shapes"]
@@ -187,26 +185,13 @@ def _fold_for_device(module: nn.Module, fast: dict[str, torch.Tensor], *, dtype,
             layer.quick_gelu_folded = True
 
 
-def _read_checkpoint(path_or_id) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    model_dir = resolve_model_dir(path_or_id)
-    return model_dir, read_json(Path(model_dir) / "config.json"), read_state_dict(model_dir)
-
-
-def _tower_state(raw: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """A tower's keys (canonical, prefix stripped) from a full AltCLIP checkpoint (keys under ``prefix``,
-    the rest ignored) or from a checkpoint of that tower alone."""
-    if not any(k.startswith(prefix) for k in raw):
-        raw = {prefix + k: v for k, v in raw.items()}
-    state = canonicalize_keys(raw)
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _tower_config(data: dict, name: str, cls):
-    if data.get("model_type") == "altclip":
-        return getattr(AltCLIPConfig.from_dict(data), name)
-    if data.get("model_type") == cls.model_type:
-        return cls.from_dict(data)
-    raise ConfigError(f"model_type must be 'altclip' or {cls.model_type!r}, got {data.get('model_type')!r}")
+def _load_pretrained(cls, part: str, mapping_fn, path_or_id, *, dtype, device, backend, strip: str = ""):
+    ckpt = load_checkpoint(path_or_id, part)
+    state = {(k[len(strip):] if strip and k.startswith(strip) else k): v for k, v in ckpt.state_dict.items()}
+    with torch.device("meta"):
+        model = cls(ckpt.config, backend=backend)
+    _load_fused(model, mapping_fn(ckpt.config), state, dtype=resolve_dtype(dtype), device=device, source=ckpt.source)
+    return model.eval()
 
 
 class _Tower(nn.Module):
@@ -269,15 +254,7 @@ class AltCLIPTextModel(_Tower):
     @classmethod
     def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None):
         """Load the text tower of an AltCLIP checkpoint directory (or hub id), or a text-tower-only one."""
-        model_dir, data, raw = _read_checkpoint(path_or_id)
-        config = _tower_config(data, "text_config", AltCLIPTextConfig)
-        with torch.device("meta"):
-            model = cls(config, backend=backend)
-        _load_fused(
-            model, _text_mapping(config), _tower_state(raw, "text_model."),
-            dtype=resolve_dtype(dtype), device=device, source=str(model_dir),
-        )
-        return model.eval()
+        return _load_pretrained(cls, "text", _text_mapping, path_or_id, dtype=dtype, device=device, backend=backend)
 
     @torch.no_grad()
     def forward(
@@ -327,11 +304,20 @@ class AltCLIPTextModel(_Tower):
             raise ValueError("pooled_only computes no per-layer outputs")
         device, dtype, ops = self.device, self.dtype, self._ops()
         if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.is_floating_point():
+                raise ValueError(f"input_ids must be an integer [batch, seq] tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
             input_ids = input_ids.to(device)
             batch, seqlen = input_ids.shape
         else:
+            if inputs_embeds.dim() != 3:
+                raise ValueError(f"inputs_embeds must be [batch, seq, hidden], got {tuple(inputs_embeds.shape)}")
             inputs_embeds = inputs_embeds.to(device=device, dtype=dtype)
             batch, seqlen = inputs_embeds.shape[:2]
+        if seqlen > self.config.max_text_length:
+            raise ValueError(
+                f"sequence length {seqlen} exceeds the model's maximum of {self.config.max_text_length} tokens "
+                f"(max_position_embeddings {self.config.max_position_embeddings}, positions start at pad_token_id + 1)"
+            )
         pos = self._position_ids(input_ids, position_ids, batch, seqlen, device)
         keep = attention_mask.to(device).bool() if attention_mask is not None else None
         if keep is not None and keep.shape != (batch, seqlen):
@@ -415,15 +401,11 @@ class AltCLIPVisionModel(_Tower):
     @classmethod
     def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None):
         """Load the vision tower of an AltCLIP checkpoint directory (or hub id), or a vision-only one."""
-        model_dir, data, raw = _read_checkpoint(path_or_id)
-        config = _tower_config(data, "vision_config", AltCLIPVisionConfig)
-        with torch.device("meta"):
-            model = cls(config, backend=backend)
-        _load_fused(
-            model, _vision_mapping(config), _tower_state(raw, "vision_model."),
-            dtype=resolve_dtype(dtype), device=device, source=str(model_dir),
+        # Vision keys keep their "vision_model." prefix (as in transformers); this tower is flat.
+        return _load_pretrained(
+            cls, "vision", _vision_mapping, path_or_id, dtype=dtype, device=device, backend=backend,
+            strip="vision_model.",
         )
-        return model.eval()
 
     @torch.no_grad()
     def forward(
@@ -451,8 +433,8 @@ class AltCLIPVisionModel(_Tower):
     ):
         """The tower's forward. With ``pooled_only`` it returns just the pooled ``[batch, hidden]``
         tensor, computing the last layer for the class token alone."""
-        if pixel_values is None:
-            raise ValueError("pixel_values is required")
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
         if interpolate_pos_encoding:
             raise NotImplementedError("interpolate_pos_encoding is not supported by altclip_fast")
         if pooled_only and (output_attentions or output_hidden_states):
@@ -544,10 +526,9 @@ class AltCLIPModel(nn.Module):
         ``dtype``: float32 (default), float16 or bfloat16 (or their names); weights are converted
         once, here. ``backend``: see :attr:`backend`.
         """
-        model_dir, data, raw = _read_checkpoint(path_or_id)
-        config = AltCLIPConfig.from_dict(data)
+        ckpt = load_checkpoint(path_or_id, "model")
         return cls.from_state_dict(
-            config, canonicalize_keys(raw), dtype=dtype, device=device, backend=backend, source=str(model_dir)
+            ckpt.config, ckpt.state_dict, dtype=dtype, device=device, backend=backend, source=ckpt.source
         )
 
     @classmethod
@@ -564,13 +545,13 @@ class AltCLIPModel(nn.Module):
         return model.eval()
 
     @torch.no_grad()
-    def get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+    def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None, token_type_ids=None):
         """``[batch, projection_dim]`` text embeddings (not normalised), as transformers 4 returns them."""
         pooled = self.text_model.encode(input_ids, attention_mask, token_type_ids, position_ids, pooled_only=True)
         return self.text_model._ops().linear(pooled, self.text_projection.weight)
 
     @torch.no_grad()
-    def get_image_features(self, pixel_values):
+    def get_image_features(self, pixel_values=None):
         """``[batch, projection_dim]`` image embeddings (not normalised), as transformers 4 returns them."""
         pooled = self.vision_model.encode(pixel_values, pooled_only=True)
         return self.vision_model._ops().linear(pooled, self.visual_projection.weight)

@@ -112,8 +112,8 @@ INTERPRETED = not isinstance(_linear_fwd, JITFunction)
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "EPILOGUE_SPLIT": 2}
 
 # Shared memory the pruning budgets for: the smaller of A100's 163 KiB and H100's 227 KiB per block,
-# less headroom for the epilogue's layout conversion. tests/kernels/test_linear_aot.py checks every
-# kept config against the real compiler's figure on both targets.
+# less headroom. tests/kernels/test_linear_aot.py checks every kept config against the compiler's own
+# figure on both targets (the estimate is exact on sm_90 and conservative on sm_80).
 _SMEM_BUDGET = 160 * 1024
 
 
@@ -122,7 +122,7 @@ def _smem_estimate(block_m: int, block_n: int, block_k: int, stages: int, elem_b
     return (block_m + block_n) * block_k * elem_bytes * stages
 
 
-def _keep(block_m: int, block_n: int, block_k: int, stages: int, warps: int, elem_bytes: int) -> bool:
+def _keep(block_m: int, block_n: int, block_k: int, stages: int, warps: int, elem_bytes: int, fma: bool) -> bool:
     tile = block_m * block_n
     # The fp32 accumulator has tile / (32 * warps) values per thread: 4 warps on a 128 x 256 tile would
     # need 256 registers for it alone and spill; 8 warps on a 64 x 64 tile leave warps without work.
@@ -134,32 +134,48 @@ def _keep(block_m: int, block_n: int, block_k: int, stages: int, warps: int, ele
     # configs to benchmark.
     if (stages == 4) != (block_k == 32):
         return False
+    # IEEE fp32 products run on FMA units with both operand slices in registers next to the
+    # accumulator: thick K slices or 128 accumulators per thread spill there (measured on sm_80).
+    if fma and (block_k > 32 or tile // (32 * warps) > 64):
+        return False
     return _smem_estimate(block_m, block_n, block_k, stages, elem_bytes) <= _SMEM_BUDGET
 
 
 _TILES = ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128))
 
 
-def autotune_configs(dtype: torch.dtype) -> list[triton.Config]:
-    """Every config the autotuner may pick for inputs of ``dtype`` (fp32 tiles cost twice the bytes)."""
+def autotune_configs(dtype: torch.dtype, input_precision: str = "ieee") -> list[triton.Config]:
+    """Every config the autotuner may pick for ``dtype`` operands (and, for fp32, ``input_precision``)."""
     elem_bytes = torch.empty((), dtype=dtype).element_size()
+    fma = dtype == torch.float32 and input_precision == "ieee"
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_SPLIT": 2}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_SPLIT": 2},
+                      num_warps=w, num_stages=s)
         for bm, bn in _TILES
         for bk in (32, 64)
         for s in (3, 4)
         for w in (4, 8)
-        if _keep(bm, bn, bk, s, w, elem_bytes)
+        if _keep(bm, bn, bk, s, w, elem_bytes, fma)
     ]
 
 
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "INPUT_PRECISION"]
-# One autotuner per operand width: the config lists differ, and a dtype-specific list needs no pruning
-# hook at launch (which torch.compile's handling of user kernels would have to replay).
+# One autotuner per config list: 16-bit operands, fp32 on tensor cores (TF32), fp32 on FMA units
+# (IEEE). A list chosen before launch needs no pruning hook at launch, which torch.compile's handling
+# of user kernels would have to replay. The autotuner's cache key adds the argument dtypes itself.
+_TUNED_VARIANTS = {
+    "16bit": (torch.float16, "ieee"),
+    "tf32": (torch.float32, "tf32"),
+    "ieee": (torch.float32, "ieee"),
+}
 _TUNED = {
-    elem_bytes: triton.autotune(configs=autotune_configs(dtype), key=_AUTOTUNE_KEY)(_linear_fwd)
-    for elem_bytes, dtype in ((2, torch.float16), (4, torch.float32))
+    name: triton.autotune(configs=autotune_configs(dtype, precision), key=_AUTOTUNE_KEY)(_linear_fwd)
+    for name, (dtype, precision) in _TUNED_VARIANTS.items()
 } if not INTERPRETED else {}
+
+
+def _variant(dtype: torch.dtype, input_precision: str) -> str:
+    return input_precision if dtype == torch.float32 else "16bit"
 
 
 def _m_bucket(m: int) -> int:
@@ -220,7 +236,7 @@ def _linear_op(
         if INTERPRETED:
             torch.library.wrap_triton(_linear_fwd)[grid](*args, **flags, **INTERPRETER_CONFIG)
         else:
-            kernel = _TUNED[4 if x.dtype == torch.float32 else 2]
+            kernel = _TUNED[_variant(x.dtype, input_precision)]
             torch.library.wrap_triton(kernel)[grid](*args, **flags)
     return y.view(*x.shape[:-1], n)
 

@@ -1,0 +1,82 @@
+"""Every autotune config of kernels.linear compiles for A100 (sm_80) and H100 (sm_90) and fits the
+per-block shared memory there; the pruning's shared-memory estimate bounds the compiler's figure.
+
+No GPU needed: tests/kernels/aot.py runs Triton's compiler down to a cubin in a child process. Each
+config is compiled with the heaviest epilogue (bias + quick_gelu + residual), the most registers a
+launch can need. Register spills are reported, not asserted (a spill is a speed question for the
+benchmark, not a correctness one); run with ``-rP`` or ``-s`` to see the table.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import kernels  # noqa: F401
+from tests.kernels.aot import CAPABILITIES, AotJob, compile_many, kernel_path
+
+linear_module = sys.modules["kernels.linear"]
+_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_POINTERS = ("X", "W", "BIAS", "RESIDUAL", "Y")
+_INTS = ("M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym", "M_BUCKET")
+
+
+def _job(config, dtype: torch.dtype, precision: str, capability: int) -> AotJob:
+    signature = {p: f"*{_TRITON_TYPE[dtype]}" for p in _POINTERS}
+    signature.update({n: "i32" for n in _INTS})
+    constexprs = dict(config.kwargs, HAS_BIAS=True, ACTIVATION=linear_module.ACTIVATIONS["quick_gelu"],
+                      HAS_RESIDUAL=True, INPUT_PRECISION=precision)
+    signature.update({n: "constexpr" for n in constexprs})
+    # AltCLIP's launches: aligned tensors, N, K and row strides multiples of 16 (M = 257 * batch is not).
+    aligned = (*_POINTERS, "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym")
+    return AotJob(kernel_path(linear_module._linear_fwd), signature, constexprs, capability,
+                  num_warps=config.num_warps, num_stages=config.num_stages, divisible_by_16=aligned)
+
+
+def _name(config) -> str:
+    k = config.kwargs
+    return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}"
+
+
+# Every config of every autotuner variant. bf16 shares fp16's list and tile bytes, so fp16 proves the
+# fit for both; bf16 still compiles for the two biggest tiles, as its MMA lowering differs.
+CASES = []
+for variant, (dtype, precision) in linear_module._TUNED_VARIANTS.items():
+    for config in linear_module.autotune_configs(dtype, precision):
+        for cap in CAPABILITIES:
+            CASES.append((f"{variant}-{_name(config)}-sm{cap}", config, dtype, precision, cap))
+for config in linear_module.autotune_configs(torch.bfloat16):
+    if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] == 128 * 256 and config.kwargs["BLOCK_K"] == 64:
+        for cap in CAPABILITIES:
+            CASES.append((f"bf16-{_name(config)}-sm{cap}", config, torch.bfloat16, "ieee", cap))
+IDS = [c[0] for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def results():
+    jobs = [_job(config, dtype, precision, cap) for _, config, dtype, precision, cap in CASES]
+    return dict(zip(IDS, compile_many(jobs)))
+
+
+def test_every_variant_has_configs():
+    for dtype, precision in linear_module._TUNED_VARIANTS.values():
+        assert len(linear_module.autotune_configs(dtype, precision)) >= 4
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_compiles_and_fits(results, case, record_property):
+    case_id, config, dtype, _, _ = case
+    r = results[case_id]
+    print(r.describe())
+    assert r.error is None, r.error
+    record_property("shared_bytes", r.shared_bytes)
+    record_property("n_regs", r.n_regs)
+    record_property("spill_stack_bytes", r.stack_bytes)
+    assert r.fits, r.describe()
+    k = config.kwargs
+    estimate = linear_module._smem_estimate(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], config.num_stages,
+                                            dtype.itemsize)
+    # The pruning budget is only sound if its estimate is an upper bound of what the compiler uses.
+    assert r.shared_bytes <= estimate, f"estimate {estimate} B below the compiler's {r.shared_bytes} B"

@@ -78,8 +78,12 @@ def pick_dtype(name: str, device):
 def resolve_model(model: str) -> Path:
     """The model directory (hub ids are fetched); checked to hold weights before anything is loaded."""
     from .checkpoint import WEIGHTS_FILES, find_weights, resolve_model_dir
+    from .errors import CheckpointError
 
-    directory = resolve_model_dir(model)
+    try:
+        directory = resolve_model_dir(model)
+    except CheckpointError as exc:  # no such directory, no network, no huggingface_hub: all fixable by the user
+        raise UsageError(str(exc)) from None
     if not (directory / "config.json").is_file():
         raise UsageError(f"{model}: not a model directory (no config.json)")
     if find_weights(directory) is None:
@@ -198,15 +202,23 @@ def cmd_classify(args) -> int:
     return 0 if any("predictions" in r for r in results) else 1
 
 
+def _width(text: str) -> int:
+    """Terminal columns: CJK and other wide characters take two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def _table(results: list[dict]) -> str:
-    width = max([len(p["label"]) for r in results for p in r.get("predictions", [])] + [5])
+    width = max([_width(p["label"]) for r in results for p in r.get("predictions", [])] + [5])
     lines = []
     for r in results:
         lines.append(r["image"])
         if "error" in r:
             lines.append(f"  (skipped: {r['error']})")
         for p in r.get("predictions", []):
-            lines.append(f"  {p['label']:<{width}}  {100 * p['probability']:6.2f}%")
+            pad = " " * (width - _width(p["label"]))
+            lines.append(f"  {p['label']}{pad}  {100 * p['probability']:6.2f}%")
     return "\n".join(lines)
 
 
@@ -223,8 +235,10 @@ def cmd_embed(args) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
+    from importlib import import_module
+
     try:
-        from . import benchmark
+        benchmark = import_module(f"{__package__}.benchmark")
     except ModuleNotFoundError as exc:
         if exc.name != f"{__package__}.benchmark":
             raise

@@ -16,6 +16,10 @@ _EXPORTS = {
     "AltCLIPError": "errors",
     "ConfigError": "errors",
     "CheckpointError": "errors",
+    "AltCLIPModel": "model",
+    "AltCLIPTextModel": "model",
+    "AltCLIPVisionModel": "model",
+    "optimize": "optimize",
     "AltCLIPProcessor": "processor",
 }
 

@@ -3,7 +3,7 @@
 The encoder needs four operations; each backend implements them the fastest correct way it can:
 
 - ``linear(x, weight, bias, activation=, residual=)``: ``act(x @ weight.T + bias) (+ residual)``;
-- ``layer_norm(x, weight, bias, eps)``;
+- ``layer_norm(x, weight, bias, eps)`` and ``add_layer_norm(x, residual, weight, bias, eps, return_sum=)``;
 - ``linear_add_layer_norm(x, weight, bias, residual, ln_weight, ln_bias, eps, return_sum=)``:
   ``LayerNorm(x @ weight.T + bias + residual)`` and, on request, the pre-norm sum (the residual
   stream of a pre-LN layer). Post-LN and pre-LN layers both end their sub-blocks with it;
@@ -245,6 +245,11 @@ class TorchOps:
     def layer_norm(self, x, weight, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
+    def add_layer_norm(self, x, residual, weight, bias, eps, *, return_sum=False):
+        total = x + residual
+        y = F.layer_norm(total, (total.shape[-1],), weight, bias, eps)
+        return (y, total) if return_sum else y
+
     def linear_add_layer_norm(self, x, weight, bias, residual, ln_weight, ln_bias, eps, *, return_sum=False):
         total = self.linear(x, weight, bias, residual=residual)
         y = F.layer_norm(total, (total.shape[-1],), ln_weight, ln_bias, eps)
@@ -317,6 +322,10 @@ class TritonOps:
     def layer_norm(self, x, weight, bias, eps):
         self._check_device(x)
         return self.kernels.add_layer_norm(x, weight, bias, eps=eps)
+
+    def add_layer_norm(self, x, residual, weight, bias, eps, *, return_sum=False):
+        self._check_device(x)
+        return self.kernels.add_layer_norm(x, weight, bias, residual=residual, eps=eps, return_sum=return_sum)
 
     def linear_add_layer_norm(self, x, weight, bias, residual, ln_weight, ln_bias, eps, *, return_sum=False):
         self._check_device(x)

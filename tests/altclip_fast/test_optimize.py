@@ -1,0 +1,170 @@
+"""altclip_fast.optimize: patches a loaded transformers AltCLIP in place, one switch per kernel, and the
+outputs stay within the parity bounds (fp32: relative error <= 1e-5; bf16: <= 2x transformers' own
+bf16 error against fp32)."""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+
+import altclip_fast
+from altclip_fast import dispatch
+from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, tiny_config
+from tests.parity import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+CONFIG = tiny_config(text_hidden=60, text_heads=3, vision_hidden=80, vision_heads=5, image_size=50, patch_size=7)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return random_hf_model(CONFIG, seed=11)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ids, mask = make_text_batch(CONFIG, [5, 9, 3, 1], seed=2)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=make_pixels(CONFIG, 2, seed=3))
+
+
+@pytest.fixture(scope="module")
+def expected(hf, batch):
+    with torch.no_grad():
+        return hf(**batch, output_hidden_states=True)
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls of the torch backend's ops, to prove the patched code is what runs."""
+    calls = collections.Counter()
+    for name in ("linear", "layer_norm", "add_layer_norm", "linear_add_layer_norm", "attention"):
+        original = getattr(dispatch.TorchOps, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(dispatch.TorchOps, name, counted)
+    return calls
+
+
+def assert_close(out, expected, tol=TOL):
+    assert rel_err(out.logits_per_image, expected.logits_per_image) < tol
+    assert rel_err(out.text_embeds, expected.text_embeds) < tol
+    assert rel_err(out.image_embeds, expected.image_embeds) < tol
+    for tower in ("text_model_output", "vision_model_output"):
+        assert rel_err(out[tower].last_hidden_state, expected[tower].last_hidden_state) < tol
+        for a, b in zip(out[tower].hidden_states, expected[tower].hidden_states):
+            assert rel_err(a, b) < tol
+
+
+SWITCHES = [
+    dict(attention=True, layer_norm=True, mlp=True),
+    dict(attention=True, layer_norm=False, mlp=False),
+    dict(attention=False, layer_norm=True, mlp=False),
+    dict(attention=False, layer_norm=False, mlp=True),
+    dict(attention=False, layer_norm=True, mlp=True),  # the vision layer hands its residual to the MLP
+]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "+".join(k for k, v in s.items() if v))
+@torch.no_grad()
+def test_each_switch_patches_in_place_and_keeps_parity(hf, batch, expected, op_calls, switches):
+    model = copy.deepcopy(hf)
+    assert altclip_fast.optimize(model, **switches) is model
+    assert_close(model(**batch, output_hidden_states=True), expected)
+    layers = CONFIG.text_config.num_hidden_layers  # same in both towers here
+    if switches["attention"]:
+        assert op_calls["attention"] == 2 * layers
+    else:
+        assert op_calls["attention"] == 0
+    if switches["layer_norm"]:
+        # text: 2 fused dense+add+LN per layer; vision: LN1 per layer, plus the 4 standalone norms
+        assert op_calls["linear_add_layer_norm"] == 2 * layers
+        assert op_calls["add_layer_norm"] == layers
+        assert op_calls["layer_norm"] == layers + 4
+    else:
+        assert op_calls["layer_norm"] == op_calls["add_layer_norm"] == op_calls["linear_add_layer_norm"] == 0
+
+
+@torch.no_grad()
+def test_switching_off_restores_transformers_code(hf, batch, op_calls):
+    model = copy.deepcopy(hf)
+    altclip_fast.optimize(model)
+    altclip_fast.optimize(model, attention=False, layer_norm=False, mlp=False)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any("_altclip_fast" in name for name, _ in model.named_buffers())
+    model(**batch)
+    assert sum(op_calls.values()) == 0
+    # Patching twice is the same as patching once.
+    altclip_fast.optimize(model)
+    altclip_fast.optimize(model)
+    model(**batch)
+    assert op_calls["attention"] == 2 * CONFIG.text_config.num_hidden_layers
+
+
+@torch.no_grad()
+def test_towers_alone_and_state_dict_unchanged(hf, batch):
+    text = transformers.AltCLIPTextModel(hf.config.text_config).eval()
+    text.load_state_dict(hf.text_model.state_dict())
+    vision = transformers.AltCLIPVisionModel(hf.config.vision_config).eval()
+    vision.load_state_dict(hf.vision_model.state_dict())
+    want_text = text(batch["input_ids"], batch["attention_mask"]).pooler_output
+    want_vision = vision(batch["pixel_values"]).pooler_output
+    keys = set(text.state_dict())
+    altclip_fast.optimize(text)
+    altclip_fast.optimize(vision)
+    assert set(text.state_dict()) == keys  # the fused QKV copy is not saved
+    assert rel_err(text(batch["input_ids"], batch["attention_mask"]).pooler_output, want_text) < TOL
+    assert rel_err(vision(batch["pixel_values"]).pooler_output, want_vision) < TOL
+
+
+@torch.no_grad()
+def test_bf16_within_twice_transformers_error(hf, batch, expected):
+    """Low precision: error vs the fp32 answer <= 2x transformers' own bf16 error (+ a small floor)."""
+    plain = copy.deepcopy(hf).to(torch.bfloat16)
+    fast = altclip_fast.optimize(copy.deepcopy(hf).to(torch.bfloat16))
+    lowp = dict(batch, pixel_values=batch["pixel_values"].to(torch.bfloat16))
+    theirs, ours = plain(**lowp), fast(**lowp)
+    for name in ("text_embeds", "image_embeds"):
+        assert rel_err(ours[name], expected[name]) <= 2 * rel_err(theirs[name], expected[name]) + 1e-3, name
+
+
+@torch.no_grad()
+def test_triton_backend_through_the_interpreter(hf, batch, expected):
+    """The patched model driven through the Triton kernels (interpreter on CPU), fp32."""
+    pytest.importorskip("triton")
+    model = altclip_fast.optimize(copy.deepcopy(hf), backend="triton")
+    assert_close(model(**batch, output_hidden_states=True), expected, tol=1e-5)
+
+
+def test_rejects_other_models_and_bad_backend(hf):
+    with pytest.raises(TypeError, match="AltCLIPModel"):
+        altclip_fast.optimize(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="backend"):
+        altclip_fast.optimize(copy.deepcopy(hf), backend="cuda-magic")
+
+
+def test_attention_weights_requests_use_transformers_attention(hf, batch):
+    model = copy.deepcopy(hf)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        want = model(**batch, output_attentions=True)
+        altclip_fast.optimize(model)
+        got = model(**batch, output_attentions=True)
+    for tower in ("text_model_output", "vision_model_output"):
+        assert len(got[tower].attentions) == CONFIG.text_config.num_hidden_layers
+        for a, b in zip(got[tower].attentions, want[tower].attentions):
+            assert rel_err(a, b) < TOL
+
+
+def test_module_import_does_not_shadow_the_function(hf):
+    import altclip_fast.optimize  # noqa: F401  (rebinds the package attribute to the module)
+
+    model = copy.deepcopy(hf)
+    assert altclip_fast.optimize(model, mlp=False) is model

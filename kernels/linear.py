@@ -41,7 +41,7 @@ def _linear_fwd(
     M_BUCKET,  # autotune key only (see _m_bucket); the kernel never reads it
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, EPILOGUE_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Grouped order: consecutive programs cover GROUP_M row blocks of one column block before moving
     # to the next column block, so a weight tile is fetched from HBM once per group, not once per row.
@@ -67,9 +67,13 @@ def _linear_fwd(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if EVEN_K:  # no K tail (AltCLIP's 1024 and 4096): unmasked loads pipeline best
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -141,6 +145,7 @@ def _keep(block_m: int, block_n: int, block_k: int, stages: int, warps: int, ele
     return _smem_estimate(block_m, block_n, block_k, stages, elem_bytes) <= _SMEM_BUDGET
 
 
+_MAX_BLOCK_K = 64
 _TILES = ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128))
 
 
@@ -228,6 +233,8 @@ def _linear_op(
         flags = dict(
             HAS_BIAS=bias is not None, ACTIVATION=activation, HAS_RESIDUAL=residual is not None,
             INPUT_PRECISION=input_precision,
+            # Every BLOCK_K in any config (interpreter's included) divides 64, so this holds for all.
+            EVEN_K=k % _MAX_BLOCK_K == 0,
         )
 
         def grid(meta):

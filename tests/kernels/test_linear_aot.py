@@ -23,11 +23,11 @@ _POINTERS = ("X", "W", "BIAS", "RESIDUAL", "Y")
 _INTS = ("M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym", "M_BUCKET")
 
 
-def _job(config, dtype: torch.dtype, precision: str, capability: int) -> AotJob:
+def _job(config, dtype: torch.dtype, precision: str, capability: int, even_k: bool) -> AotJob:
     signature = {p: f"*{_TRITON_TYPE[dtype]}" for p in _POINTERS}
     signature.update({n: "i32" for n in _INTS})
     constexprs = dict(config.kwargs, HAS_BIAS=True, ACTIVATION=linear_module.ACTIVATIONS["quick_gelu"],
-                      HAS_RESIDUAL=True, INPUT_PRECISION=precision)
+                      HAS_RESIDUAL=True, INPUT_PRECISION=precision, EVEN_K=even_k)
     signature.update({n: "constexpr" for n in constexprs})
     # AltCLIP's launches: aligned tensors, N, K and row strides multiples of 16 (M = 257 * batch is not).
     aligned = (*_POINTERS, "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym")
@@ -40,34 +40,40 @@ def _name(config) -> str:
     return f"{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}"
 
 
-# Every config of every autotuner variant. bf16 shares fp16's list and tile bytes, so fp16 proves the
-# fit for both; bf16 still compiles for the two biggest tiles, as its MMA lowering differs.
+# Every config of every autotuner variant. The fast variants compile their hot path (K a multiple of
+# 64, unmasked loads: AltCLIP's 1024 and 4096); IEEE fp32, the parity path for any shape, compiles the
+# masked K loop. bf16 shares fp16's list and tile bytes, so fp16 proves the fit for both; bf16 still
+# compiles for the two biggest tiles with the masked loop, as its MMA lowering differs.
 CASES = []
 for variant, (dtype, precision) in linear_module._TUNED_VARIANTS.items():
     for config in linear_module.autotune_configs(dtype, precision):
         for cap in CAPABILITIES:
-            CASES.append((f"{variant}-{_name(config)}-sm{cap}", config, dtype, precision, cap))
+            CASES.append((f"{variant}-{_name(config)}-sm{cap}", config, dtype, precision, cap, variant != "ieee"))
 for config in linear_module.autotune_configs(torch.bfloat16):
     if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] == 128 * 256 and config.kwargs["BLOCK_K"] == 64:
         for cap in CAPABILITIES:
-            CASES.append((f"bf16-{_name(config)}-sm{cap}", config, torch.bfloat16, "ieee", cap))
+            CASES.append((f"bf16-masked-{_name(config)}-sm{cap}", config, torch.bfloat16, "ieee", cap, False))
 IDS = [c[0] for c in CASES]
 
 
 @pytest.fixture(scope="module")
 def results():
-    jobs = [_job(config, dtype, precision, cap) for _, config, dtype, precision, cap in CASES]
+    jobs = [_job(config, dtype, precision, cap, even_k) for _, config, dtype, precision, cap, even_k in CASES]
     return dict(zip(IDS, compile_many(jobs)))
 
 
 def test_every_variant_has_configs():
     for dtype, precision in linear_module._TUNED_VARIANTS.values():
-        assert len(linear_module.autotune_configs(dtype, precision)) >= 4
+        configs = linear_module.autotune_configs(dtype, precision)
+        assert len(configs) >= 4
+        # EVEN_K (K % 64 == 0) stands for "no K tail" under every config the autotuner may pick.
+        assert all(linear_module._MAX_BLOCK_K % c.kwargs["BLOCK_K"] == 0 for c in configs)
+    assert linear_module._MAX_BLOCK_K % linear_module.INTERPRETER_CONFIG["BLOCK_K"] == 0
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_compiles_and_fits(results, case, record_property):
-    case_id, config, dtype, _, _ = case
+    case_id, config, dtype, *_ = case
     r = results[case_id]
     print(r.describe())
     assert r.error is None, r.error

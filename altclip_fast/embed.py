@@ -303,6 +303,7 @@ def run(args, session_factory) -> int:
             "dtype": str(session.dtype).removeprefix("torch."),
             "normalize": bool(args.normalize),
             "exif_transpose": not args.no_exif_transpose,
+            "fast_decode": bool(args.fast_decode),
             "batch_size": args.batch_size,
         },
         resume=args.resume and not args.overwrite,
@@ -372,7 +373,8 @@ def _finish(inputs, batches, partial, out, meta, session, args, plan, reused, co
 
     info = {
         "kind": inputs.kind, "input": args.input, "model": args.model, "dtype": plan["dtype"],
-        "normalized": plan["normalize"], "exif_transpose": plan["exif_transpose"], "count": embedded, "dim": dim,
+        "normalized": plan["normalize"], "exif_transpose": plan["exif_transpose"],
+        "fast_decode": plan["fast_decode"], "count": embedded, "dim": dim,
     }
     meta_tmp = meta.with_name(f".{meta.name}.tmp")
     meta_tmp.write_text(json.dumps({

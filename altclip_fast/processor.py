@@ -2,7 +2,8 @@
 
 The text half is ``tokenization.AltCLIPTokenizer`` and the image half is
 ``image_processing.AltCLIPImageProcessor``; their module docs say where and why they differ from
-transformers (EXIF orientation, transparency of files passed by path, 16-bit grayscale).
+transformers (EXIF orientation, transparency of files passed by path, 16-bit grayscale, and the
+opt-in ``fast_decode``).
 """
 
 from __future__ import annotations
@@ -47,15 +48,16 @@ class AltCLIPProcessor:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str | os.PathLike, *, exif_transpose: bool = True
+        cls, path_or_id: str | os.PathLike, *, exif_transpose: bool = True, fast_decode: bool = False
     ) -> "AltCLIPProcessor":
-        """Read the tokenizer and preprocessor files of a model directory or hub id (see module doc)."""
+        """Read the tokenizer and preprocessor files of a model directory or hub id. ``exif_transpose``
+        and ``fast_decode`` are ``AltCLIPImageProcessor`` options (see its module doc)."""
         from .checkpoint import resolve_model_dir
 
         directory = Path(resolve_model_dir(path_or_id))
         return cls(
             AltCLIPTokenizer.from_pretrained(directory),
-            AltCLIPImageProcessor.from_pretrained(directory, exif_transpose=exif_transpose),
+            AltCLIPImageProcessor.from_pretrained(directory, exif_transpose=exif_transpose, fast_decode=fast_decode),
         )
 
     def __call__(

@@ -208,6 +208,18 @@ def test_transparent_file_same_as_opened_image(ours, oracle_images, tmp_path):
     assert _max_diff(got, _theirs(oracle_images, str(path))) > 0.1
 
 
+def test_fast_decode_trades_exactness_for_reduced_scale_jpeg_decoding(model_dir, ours, tmp_path):
+    fast = AltCLIPProcessor.from_pretrained(model_dir, fast_decode=True)
+    jpeg, png = tmp_path / "big.jpg", tmp_path / "big.png"
+    photo_like(1200, 900, seed=12).save(jpeg, quality=92)
+    photo_like(1200, 900, seed=12).save(png)
+    decoded = fast.image_processor.load_rgb(jpeg)
+    assert decoded.width < 1200 and min(decoded.size) >= 2 * 32  # reduced, but >= twice the resize target
+    exact, approx = ours(images=str(jpeg))["pixel_values"], fast(images=str(jpeg))["pixel_values"]
+    assert 0 < _max_diff(exact, approx) < 0.3 and (exact - approx).abs().mean() < 0.03
+    assert _max_diff(fast(images=str(png))["pixel_values"], ours(images=str(png))["pixel_values"]) == 0
+
+
 def _arrays():
     base = np.asarray(photo_like(41, 57, seed=4))
     rgba = np.concatenate([base, (base[..., :1] // 2 + 100)], axis=-1)

@@ -164,9 +164,14 @@ class PartialRun:
             )
         _fsync_replace(tmp, self.batch_file(k))
 
-    def read(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    def read_index(self, k: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Which inputs batch ``k`` embedded and which it skipped (and why); embeddings stay on disk."""
         with np.load(self.batch_file(k), allow_pickle=False) as data:
-            return data["embeddings"], data["indices"], data["skipped"], [str(r) for r in data["reasons"]]
+            return data["indices"], data["skipped"], [str(r) for r in data["reasons"]]
+
+    def read_embeddings(self, k: int) -> np.ndarray:
+        with np.load(self.batch_file(k), allow_pickle=False) as data:
+            return data["embeddings"]
 
 
 # ---------------------------------------------------------------------------------------------- compute
@@ -354,22 +359,21 @@ def run(args, session_factory) -> int:
 
 
 def _finish(inputs, batches, partial, out, meta, session, args, plan, reused, computed, seconds) -> int:
-    parts, rows, skipped = [], [], list(inputs.skipped)
-    for s in skipped:
-        s.setdefault("category", s["reason"])
+    rows, skipped = [], [{**s, "category": s["reason"]} for s in inputs.skipped]
+    sizes = []
     for k in range(len(batches)):
-        embeddings, indices, skipped_idx, reasons = partial.read(k)
-        parts.append(embeddings)
+        indices, skipped_idx, reasons = partial.read_index(k)
+        sizes.append(len(indices))
         rows.extend(inputs.rows[i] for i in indices.tolist())
         for i, reason in zip(skipped_idx.tolist(), reasons):
             skipped.append({**inputs.rows[i], "reason": reason, "category": "unreadable"})
-    embedded = sum(len(p) for p in parts)
+    embedded = len(rows)
     if embedded == 0:
         shutil.rmtree(partial.directory)
         for s in skipped:
             print(f"altclip-fast: skipped {s.get('path', s.get('line'))}: {s['reason']}", file=sys.stderr)
         raise AltCLIPError(f"none of the {len(inputs.items)} inputs could be embedded; nothing written")
-    dim = parts[0].shape[1] if parts[0].size else session.model.config.projection_dim
+    dim = session.model.config.projection_dim
 
     info = {
         "kind": inputs.kind, "input": args.input, "model": args.model, "dtype": plan["dtype"],
@@ -385,21 +389,45 @@ def _finish(inputs, batches, partial, out, meta, session, args, plan, reused, co
     }, ensure_ascii=False, indent=1), encoding="utf-8")
     _fsync_replace(meta_tmp, meta)
 
+    # Batch by batch, so that the output never has to fit in memory at once.
+    parts = (partial.read_embeddings(k) for k, size in enumerate(sizes) if size)
     data_tmp = out.with_name(f".{out.name}.tmp")
     if out.suffix == ".npy":
-        array = np.lib.format.open_memmap(data_tmp, mode="w+", dtype=np.float32, shape=(embedded, dim))
-        row = 0
-        for part in parts:
-            array[row : row + len(part)] = part
-            row += len(part)
-        array.flush()
-        del array
+        _write_npy(data_tmp, parts, embedded, dim)
     else:
-        from safetensors.numpy import save_file
-
-        save_file({"embeddings": np.concatenate([p.reshape(-1, dim) for p in parts])}, str(data_tmp),
-                  metadata={k: str(v) for k, v in info.items()})
+        _write_safetensors(data_tmp, parts, embedded, dim, {k: str(v) for k, v in info.items()})
     _fsync_replace(data_tmp, out)
     shutil.rmtree(partial.directory)
     print(_summary(inputs.kind, embedded, reused, skipped, out, meta, seconds, computed))
     return 0
+
+
+def _write_npy(path: Path, parts, rows: int, dim: int) -> None:
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dim))
+    row = 0
+    for part in parts:
+        array[row : row + len(part)] = part
+        row += len(part)
+    if row != rows:
+        raise AltCLIPError(f"internal error: batch files hold {row} rows, the index {rows}")
+    array.flush()
+    del array
+
+
+def _write_safetensors(path: Path, parts, rows: int, dim: int, metadata: dict[str, str]) -> None:
+    """One F32 tensor "embeddings" in the safetensors layout: u64 header size, JSON header padded
+    to 8 bytes, little-endian data."""
+    nbytes = rows * dim * 4
+    header = {"__metadata__": metadata, "embeddings": {"dtype": "F32", "shape": [rows, dim], "data_offsets": [0, nbytes]}}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    written = 0
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for part in parts:
+            data = np.ascontiguousarray(part, dtype="<f4").tobytes()
+            f.write(data)
+            written += len(data)
+    if written != nbytes:
+        raise AltCLIPError(f"internal error: batch files hold {written} bytes of embeddings, expected {nbytes}")

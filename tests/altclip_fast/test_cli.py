@@ -295,3 +295,15 @@ def test_bench_is_wired_to_the_benchmark_module(work):
         assert_one_line_error(proc, "altclip_fast.benchmark")
     else:
         assert proc.returncode == 0 and "usage: altclip-fast bench" in proc.stdout
+
+
+def test_nothing_readable_is_an_error_not_an_empty_file(work):
+    bad = work / "all_bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (bad / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    proc = run_cli("embed", "all_bad", "--out", "bad.npy", "--model", "model", "--workers", 0, *CPU_FP32, cwd=work)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "none of the 2 inputs could be embedded" in proc.stderr.strip().splitlines()[-1]
+    assert "all_bad/a.jpg" in proc.stderr and "all_bad/b.png" in proc.stderr
+    assert not (work / "bad.npy").exists() and not (work / ".bad.npy.partial").exists()

@@ -1,0 +1,50 @@
+"""The end-to-end benchmark runs (a seconds-long tiny architecture here) and reports what it promises:
+throughput for both models, their ratio and spread, and the accuracy against the fp32 reference."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from altclip_fast import benchmark
+
+ARGS = ["--arch", "tiny", "--rounds", "1", "--batches", "1,3", "--texts", "5", "--max-tokens", "12"]
+
+
+def test_bench_compares_with_transformers_and_writes_json(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    assert benchmark.main(ARGS + ["--dtype", "fp32", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["workload"].split(" (")[0] for r in report["results"]] == ["images b=1", "images b=3", "texts 5"]
+    for r in report["results"]:
+        for name in ("altclip_fast", "transformers"):
+            assert r[name]["per_s"] > 0 and len(r[name]["times_s"]) == 1
+        assert r["ratio"] > 0 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    # fp32: both models agree with the reference to rounding.
+    for name in ("altclip_fast", "transformers"):
+        assert report["accuracy"][name]["image_embeds_max_abs"] < 1e-5
+        assert report["accuracy"][name]["text_embeds_max_abs"] < 1e-5
+    table = capsys.readouterr().out
+    assert "ratio" in table and "texts 5" in table and "max |error| vs fp32 reference" in table
+
+
+def test_bench_without_transformers_says_the_comparison_is_skipped(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    out = tmp_path / "bench.json"
+    assert benchmark.main(ARGS + ["--json", str(out)]) == 0
+    assert "comparison is skipped" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert all("transformers" not in r and "ratio" not in r for r in report["results"])
+    assert report["meta"]["dtype"] == "bfloat16"
+
+
+def test_mixed_length_texts_are_padded_to_the_longest():
+    from altclip_fast.config import AltCLIPConfig
+
+    ids, mask = benchmark.mixed_length_texts(AltCLIPConfig(), 64, 6, 48, seed=0)
+    lengths = mask.sum(1)
+    assert ids.shape == (64, int(lengths.max())) and 6 <= lengths.min() and lengths.max() <= 48
+    assert (ids[:, 0] == 0).all() and (ids[mask == 0] == 1).all()

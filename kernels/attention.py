@@ -257,6 +257,13 @@ def _seq_bucket(max_seqlen: int) -> int:
 
 
 # --- the registered op ------------------------------------------------------------------------------------
+#
+# triton_op + wrap_triton make the launch visible to torch.compile: it traces into this body and sees the
+# kernel call (a plain custom_op would be opaque). The same op also serves CPU tensors under the interpreter,
+# eagerly: there wrap_triton hands the call straight to the interpreted kernel. torch.compile cannot trace it
+# on CPU, because wrap_triton only recognises real JITFunction/Autotuner objects and the interpreter replaces
+# them, so a compiled CPU graph would run the kernel on fake tensors; that path only matters on CUDA.
+# allow_tf32 is an argument, not read in here, so the op is a pure function of its inputs.
 
 
 @torch.library.triton_op("kernels::attention", mutates_args=())

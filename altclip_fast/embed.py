@@ -283,7 +283,9 @@ def run(args, session_factory) -> int:
         if args.resume and not partial.directory.exists():
             print(f"{out} is already complete; nothing to resume (pass --overwrite to recompute it)")
             return 0
-        raise UsageError(f"{out} exists: pass --overwrite to replace it")
+        if not args.resume:
+            raise UsageError(f"{out} exists: pass --overwrite to replace it")
+        # else: an interrupted --overwrite run of this output; resuming it replaces the output at the end.
     if partial.directory.exists() and not (args.resume or args.overwrite):
         raise UsageError(
             f"an interrupted run of this output is in {partial.directory}: pass --resume to continue it "

@@ -307,3 +307,57 @@ def test_nothing_readable_is_an_error_not_an_empty_file(work):
     assert "none of the 2 inputs could be embedded" in proc.stderr.strip().splitlines()[-1]
     assert "all_bad/a.jpg" in proc.stderr and "all_bad/b.png" in proc.stderr
     assert not (work / "bad.npy").exists() and not (work / ".bad.npy.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------- in process
+
+
+def test_classify_embeds_labels_once(work, monkeypatch, capsys):
+    """Many image batches, one text-tower call for the labels."""
+    from altclip_fast import cli
+
+    calls = {"text": 0, "image": 0}
+    real_load = cli.load_model
+
+    def counting_load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        text, image = model.get_text_features, model.get_image_features
+
+        def count_text(*a, **k):
+            calls["text"] += 1
+            return text(*a, **k)
+
+        def count_image(*a, **k):
+            calls["image"] += 1
+            return image(*a, **k)
+
+        model.get_text_features, model.get_image_features = count_text, count_image
+        return model
+
+    monkeypatch.setattr(cli, "load_model", counting_load)
+    monkeypatch.chdir(work)
+    images = ["photos/img0.jpg", "photos/img1.png", "photos/trip/img2.jpg"]
+    assert cli.main(["classify", *images, "--labels", "cat", "dog", "--batch-size", "1", "--json",
+                     "--model", "model", *CPU_FP32]) == 0
+    assert calls == {"text": 1, "image": 3}
+    assert [r["image"] for r in json.loads(capsys.readouterr().out)] == images
+
+
+def test_device_and_dtype_choice():
+    from altclip_fast import cli
+
+    cpu = torch.device("cpu")
+    assert cli.pick_device("cpu") == cpu
+    assert cli.auto_dtype(cpu) == torch.float32
+    assert cli.pick_dtype("auto", cpu) == torch.float32 and cli.pick_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(cli.UsageError, match="fp16 is not supported on CPU"):
+        cli.pick_dtype("fp16", cpu)
+    with pytest.raises(cli.UsageError, match="not a device"):
+        cli.pick_device("tpu:banana")
+    if torch.cuda.is_available():
+        gpu = cli.pick_device("auto")
+        assert gpu.type == "cuda" and cli.auto_dtype(gpu) in (torch.bfloat16, torch.float16)
+    else:
+        assert cli.pick_device("auto") == cpu
+        with pytest.raises(cli.UsageError, match="CUDA is not available"):
+            cli.pick_device("cuda")

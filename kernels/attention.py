@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from ._validate import FLOAT_DTYPES, check_tensor
+from ._validate import check_tensor
 
 __all__ = ["attention"]
 

@@ -312,7 +312,7 @@ def test_gpu_fp32_ieee_unless_tf32_allowed(monkeypatch):
     torch.testing.assert_close(attention(q, k, v), ref, **FP32_TOL)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     # TF32 keeps 10 mantissa bits: visibly less exact than IEEE, still close.
-    torch.testing.assert_close(attention(q, k, v), ref, atol=5e-3, rtol=5e-3)
+    torch.testing.assert_close(attention(q, k, v), ref, atol=2e-2, rtol=2e-2)
 
 
 @gpu

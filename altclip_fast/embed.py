@@ -197,8 +197,12 @@ class _ImageFiles:
             return index, None, f"{type(exc).__name__}: {exc}"
 
 
-def _as_list(batch):
-    return batch
+def collate_crops(batch):
+    """In the worker: stack the readable crops into one uint8 array, keep the failures' reasons."""
+    ok = [(i, crop) for i, crop, _ in batch if crop is not None]
+    failed = [(i, reason) for i, crop, reason in batch if crop is None]
+    crops = np.stack([crop for _, crop in ok]) if ok else None
+    return [i for i, _ in ok], crops, [i for i, _ in failed], [reason for _, reason in failed]
 
 
 def default_workers() -> int:
@@ -207,7 +211,7 @@ def default_workers() -> int:
 
 
 def _image_batches(inputs: Inputs, pending: list[list[int]], session, workers: int):
-    """Yield ``(indices, pixel_values or None, skipped, reasons)`` per pending batch, in order."""
+    """Yield ``(indices, uint8 crops [B, 3, H, W] or None, skipped, reasons)`` per pending batch, in order."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -216,17 +220,10 @@ def _image_batches(inputs: Inputs, pending: list[list[int]], session, workers: i
         _ImageFiles(inputs.items, ip),
         batch_sampler=pending,
         num_workers=workers,
-        collate_fn=_as_list,
-        pin_memory=session.device.type == "cuda",
+        collate_fn=collate_crops,
     )
-    for batch in loader:
-        ok = [(i, crop) for i, crop, _ in batch if crop is not None]
-        skipped = [i for i, crop, _ in batch if crop is None]
-        reasons = [reason for _, crop, reason in batch if crop is None]
-        pixels = None
-        if ok:
-            pixels = torch.from_numpy(ip.to_pixel_values([crop for _, crop in ok]))
-        yield [i for i, _ in ok], pixels, skipped, reasons
+    for indices, crops, skipped, reasons in loader:
+        yield indices, None if crops is None else torch.from_numpy(crops), skipped, reasons
 
 
 def _text_batches(inputs: Inputs, pending: list[list[int]], session):
@@ -242,7 +239,9 @@ def _embed(session, kind: str, payload, normalize: bool) -> np.ndarray:
     model, device = session.model, session.device
     with torch.inference_mode():
         if kind == "image":
-            features = model.get_image_features(payload.to(device, session.dtype, non_blocking=True))
+            # Normalised on the model's device: uint8 travels, float32 is made where it is used.
+            pixels = session.processor.image_processor.to_pixel_values_torch(payload.to(device))
+            features = model.get_image_features(pixels.to(session.dtype))
         else:
             features = model.get_text_features(payload["input_ids"].to(device), payload["attention_mask"].to(device))
         features = features.float()
@@ -326,7 +325,8 @@ def run(args, session_factory) -> int:
 
     from tqdm import tqdm
 
-    session.model  # load before the clock starts: the rate shown is the embedding rate
+    # Loads the model before the clock starts, so that the rate shown is the embedding rate.
+    print(f"altclip-fast: embedding with {session.describe()}", file=sys.stderr)
     crash_after = int(os.environ.get(_CRASH_AFTER_BATCHES, "0") or 0)
     written = 0
     started = time.perf_counter()

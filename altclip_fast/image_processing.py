@@ -6,7 +6,8 @@ normalise. It is split in two halves so that a DataLoader worker can run the exp
 - ``load_rgb(image)`` + ``resize_and_crop(rgb)``: decoding and resampling, giving a ``uint8``
   ``[3, H, W]`` array (a quarter of the bytes of float32 to send between processes);
 - ``to_pixel_values(uint8 batch)``: rescale and normalise through a 256-entry table per channel,
-  which reproduces transformers' float64-rescale / float32-normalise arithmetic bit for bit.
+  which reproduces transformers' float64-rescale / float32-normalise arithmetic bit for bit
+  (``to_pixel_values_torch`` does the same lookup on the GPU, after a uint8 upload).
 
 Where this deliberately differs from transformers (each is tested and in the README):
 
@@ -196,6 +197,18 @@ class AltCLIPImageProcessor:
         for c in range(3):
             np.take(self._lut[c], batch[:, c], out=out[:, c])
         return out
+
+    def to_pixel_values_torch(self, crops):
+        """``to_pixel_values`` for a ``uint8 [B, 3, H, W]`` torch tensor, on its device: the same
+        table, gathered there. Sending uint8 to a GPU moves a quarter of the bytes of float32,
+        and the values are bit-identical to the numpy path."""
+        import torch
+
+        if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
+            raise ValueError(f"expected uint8 [B, 3, H, W], got {crops.dtype} {tuple(crops.shape)}")
+        table = torch.from_numpy(self._lut).to(crops.device).view(-1)
+        offsets = torch.arange(0, 3 * 256, 256, device=crops.device).view(1, 3, 1, 1)
+        return table[crops.long() + offsets]
 
     def __call__(self, images: ImageInput | Sequence[ImageInput], return_tensors: str | None = "pt") -> dict:
         """``{"pixel_values": [B, 3, H, W]}`` for one image or a list of images."""

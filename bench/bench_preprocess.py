@@ -5,7 +5,8 @@ Writes JPEG photos at a few camera-like sizes to a temporary folder, then times,
 - ``prepare``: decode + RGB + bicubic shortest-edge resize + center crop, one process (what each
   DataLoader worker of ``altclip-fast embed`` does per image); ``prepare(fast_decode)`` the same
   with JPEGs decoded at reduced scale (``--fast-decode``);
-- ``normalise``: rescale + normalise of a batch of crops (main process, table lookup);
+- ``normalise``: rescale + normalise of a batch of crops (numpy table lookup; the CLI does the
+  same lookup on the model's device);
 - ``loader(W)``: the CLI's DataLoader with W workers, end to end (decode -> float32 batch);
 - ``transformers``: transformers' PIL ``CLIPImageProcessor`` on the same paths, for comparison.
 
@@ -29,7 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from altclip_fast.embed import _as_list, _ImageFiles  # noqa: E402  (the CLI's own dataset)
+from altclip_fast.embed import _ImageFiles, collate_crops  # noqa: E402  (the CLI's own dataset)
 from altclip_fast.image_processing import AltCLIPImageProcessor  # noqa: E402
 
 
@@ -80,12 +81,13 @@ def bench_size(folder: Path, width: int, height: int, args) -> dict[str, float]:
 
 
 def _run_loader(paths, ip, workers: int, batch_size: int) -> None:
+    import torch
     from torch.utils.data import DataLoader
 
     batches = [list(range(i, min(len(paths), i + batch_size))) for i in range(0, len(paths), batch_size)]
-    loader = DataLoader(_ImageFiles(paths, ip), batch_sampler=batches, num_workers=workers, collate_fn=_as_list)
-    for batch in loader:
-        ip.to_pixel_values([crop for _, crop, _ in batch])
+    loader = DataLoader(_ImageFiles(paths, ip), batch_sampler=batches, num_workers=workers, collate_fn=collate_crops)
+    for _, crops, _, _ in loader:
+        ip.to_pixel_values_torch(torch.from_numpy(crops))
 
 
 def main() -> int:

@@ -254,6 +254,13 @@ def test_arrays_more_than_transformers(ours):
         ours(images=np.zeros((20, 20, 7), dtype=np.uint8))
 
 
+def test_torch_normalisation_is_bit_identical(ours):
+    ip = ours.image_processor
+    crops = np.random.default_rng(0).integers(0, 256, (3, 3, 26, 26), dtype=np.uint8)
+    crops[0, :, 0, :4] = [[0], [255], [128]]  # both ends of the table on every channel
+    assert torch.equal(ip.to_pixel_values_torch(torch.from_numpy(crops)), torch.from_numpy(ip.to_pixel_values(crops)))
+
+
 def test_batch_of_mixed_inputs_equals_one_by_one(ours, tmp_path):
     path = tmp_path / "a.png"
     photo_like(50, 30, seed=1).save(path)

@@ -129,7 +129,7 @@ class Session:
         import torch
 
         name = str(self.dtype).removeprefix("torch.")
-        kind = type(self.model).__module__.split(".")[0]
+        kind = "reference" if type(self.model).__module__.startswith("reference") else "fast"
         return f"{self.args.model} ({kind} model) on {self.device} in {name}" + (
             f" with {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
         )

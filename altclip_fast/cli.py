@@ -3,8 +3,8 @@
 Every mistake a user can make (a missing path, a model directory without weights, a hub id without
 network, no labels, an empty folder, an output that exists) ends in one ``altclip-fast: error: ...``
 line and a non-zero exit: 2 for a wrong command line or input, 1 for a failure while running.
-Heavy imports (torch, the model) happen only once the arguments have been checked, so these
-errors come back in well under a second.
+The arguments and inputs are checked before the model is loaded, so these errors come back fast
+(those that need no model directory before torch is even imported).
 """
 
 from __future__ import annotations

@@ -308,7 +308,7 @@ def _attention_op(
         *sq, *sk, *sv, *so,
         stride_mb, stride_ms,
         heads, seqlen_q, seqlen_k, scale * _LOG2E,
-        _seq_bucket(max_seqlen),
+        _seq_bucket(max(max_seqlen, seqlen_k)),
     )
     flags = dict(
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), HAS_MASK=has_mask, VARLEN=varlen, DOT_PRECISION=precision,

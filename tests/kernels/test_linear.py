@@ -270,4 +270,6 @@ def test_gpu_torch_compile_fullgraph():
         return linear(x, w, b, activation="gelu", residual=r) * 0.5
 
     y = mlp(inp["x"], inp["weight"], inp["bias"], inp["residual"])
-    torch.testing.assert_close(y, _run(inp, "gelu") * 0.5, atol=0, rtol=0)
+    # Inductor autotunes user kernels itself and may pick another tile (another summation order) than
+    # the eager autotuner, so the two agree to fp16 rounding, not bit for bit.
+    torch.testing.assert_close(y, _run(inp, "gelu") * 0.5, atol=2e-2, rtol=1e-2)

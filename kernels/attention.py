@@ -292,6 +292,8 @@ def _attention_op(
     heads, head_dim = q.shape[-2], q.shape[-1]
     if out.numel() == 0 or batch == 0 or max_seqlen == 0:
         return out
+    if seqlen_k == 0:
+        return out.zero_()  # no keys at all: every query row is a fully masked row
 
     has_mask = key_padding_mask is not None
     if has_mask:

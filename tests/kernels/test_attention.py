@@ -173,6 +173,14 @@ def test_empty_batch_and_empty_sequence():
         assert out.shape == q.shape
 
 
+def test_no_keys_gives_zeros():
+    q = fused_qkv(2, 5, 2, 16, torch.float32)[0]
+    _, k, v = fused_qkv(2, 0, 2, 16, torch.float32)
+    out = attention(q, k, v)
+    assert torch.equal(out, torch.zeros_like(q))
+    torch.testing.assert_close(out, reference_fp32(q, k, v))
+
+
 # --- packed (varlen) layout --------------------------------------------------------------------------------
 
 

@@ -110,7 +110,13 @@ def test_every_flag_combination(x_bias, residual, bias, return_sum, dtype):
     _check(inp)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16], ids=["fp16"])
+@pytest.mark.parametrize("rows,n", [(7, 100), (257, 40), (2, 1024)])
+def test_bf16(rows, n):
+    """bf16 runs in the interpreter too (only bf16 tl.dot is wrong there, and this kernel has none)."""
+    _check(_inputs(rows, n, torch.bfloat16, seed=rows * n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_fp32_parameters_with_low_precision_activations(dtype):
     _check(_inputs(7, 100, dtype, param_dtype=torch.float32, seed=5))
 

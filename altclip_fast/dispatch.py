@@ -118,6 +118,7 @@ class PackedLayout:
     max_seqlen: int
     grid_index: torch.Tensor
     grid: PaddedLayout
+    _scratch: dict = field(default_factory=dict, repr=False)
 
     @property
     def batch(self) -> int:
@@ -126,6 +127,16 @@ class PackedLayout:
     @property
     def num_tokens(self) -> int:
         return self.grid_index.numel()
+
+    def scatter_to_grid(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` placed in a zero-padded ``[batch * grid_seqlen, features]`` grid. The grid is reused
+        by every layer of a forward: each call overwrites the same real positions and the padding
+        stays zero (padded keys must hold finite values: masked-out weights are 0, and 0 * NaN is NaN)."""
+        key = (rows.dtype, rows.device, rows.shape[-1])
+        grid = self._scratch.get(key)
+        if grid is None:
+            grid = self._scratch[key] = rows.new_zeros((self.grid.num_tokens, rows.shape[-1]))
+        return grid.index_copy_(0, self.grid_index, rows)
 
     @classmethod
     def from_mask(cls, keep: torch.Tensor) -> "PackedLayout":
@@ -259,8 +270,7 @@ class TorchOps:
         if isinstance(layout, PackedLayout):
             # SDPA has no varlen form on CPU: attend over a padded grid. Attention is a small part of
             # the text tower's cost; the GEMMs around it stay unpadded.
-            grid = qkv.new_zeros((layout.grid.num_tokens, qkv.shape[-1]))
-            grid.index_copy_(0, layout.grid_index, qkv)
+            grid = layout.scatter_to_grid(qkv)
             return self.attention(grid, num_heads, layout.grid, scale).index_select(0, layout.grid_index)
         q, k, v = _padded_qkv(qkv, num_heads, layout)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.additive_mask(qkv.dtype), scale=scale)

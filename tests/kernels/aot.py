@@ -29,7 +29,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # Per-block dynamic shared memory limits (opt-in maximum), from the CUDA programming guide's table
@@ -72,7 +72,6 @@ class AotResult:
     n_regs: int | None = None
     stack_bytes: int | None = None  # local-memory stack frame: register spills
     error: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def smem_limit(self) -> int:
@@ -84,7 +83,7 @@ class AotResult:
 
     def describe(self) -> str:
         if self.error:
-            return f"{self.job.describe()}: ERROR {self.error.splitlines()[-1] if self.error else ''}"
+            return f"{self.job.describe()}: ERROR {self.error.strip().splitlines()[-1]}"
         return (
             f"{self.job.describe()}: smem {self.shared_bytes}/{self.smem_limit} B, "
             f"regs {self.n_regs}, spill stack {self.stack_bytes} B"

@@ -1,0 +1,163 @@
+"""altclip_fast.dispatch: backend selection, and each torch-backend op against reference.ops (fp32,
+both the oneDNN-fused path and the plain fallback). The Triton backend's ops are the kernels, tested
+in tests/kernels; here only how the model reaches them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from altclip_fast import dispatch
+from altclip_fast.encoder import EncoderLayer
+from reference import ops as ref
+
+ATOL, RTOL = 2e-5, 2e-5
+
+
+@pytest.fixture(params=["fused", "plain"])
+def torch_ops(request, monkeypatch):
+    """The torch backend with oneDNN's fused GEMM (where this CPU has it) and with plain F.linear."""
+    ops = dispatch.TorchOps()
+    if request.param == "plain":
+        monkeypatch.setattr(dispatch.TorchOps, "fused_gemm", lambda self, device, dtype: False)
+    elif not dispatch.mkldnn_linear_works(torch.float32):
+        pytest.skip("oneDNN fused linear unavailable here")
+    return ops
+
+
+def rand(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- backend selection
+
+
+def test_backend_resolution(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.resolve_backend(None, "cpu") == "torch"
+    assert dispatch.resolve_backend(None, torch.device("cuda", 0)) == "triton"
+    monkeypatch.setenv(dispatch.ENV_VAR, "Triton")
+    assert dispatch.resolve_backend(None, "cpu") == "triton"
+    assert dispatch.resolve_backend("torch", "cpu") == "torch"  # the argument wins over the variable
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    assert dispatch.resolve_backend("auto", "cpu") == "torch"
+
+
+def test_bad_backend_names_say_where_they_came_from(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dispatch.resolve_backend("cuda", "cpu")
+    monkeypatch.setenv(dispatch.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=dispatch.ENV_VAR):
+        dispatch.resolve_backend(None, "cpu")
+    with pytest.raises(ValueError):
+        dispatch.get_ops("auto")
+
+
+def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        dispatch.get_ops("triton").layer_norm(torch.zeros(2, 4), torch.ones(4), torch.zeros(4), 1e-5)
+
+
+# --------------------------------------------------------------------------- torch ops vs reference.ops
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "quick_gelu", "silu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_linear(torch_ops, activation, with_residual):
+    x, w, b = rand(13, 40, seed=1), rand(24, 40, seed=2) / 6, rand(24, seed=3)
+    residual = rand(13, 24, seed=4) if with_residual else None
+    got = torch_ops.linear(x, w, b, activation=activation, residual=residual)
+    if activation == "silu":
+        want = torch.nn.functional.silu(ref.linear(x, w, b))
+        want = want + residual if with_residual else want
+    else:
+        want = ref.linear(x, w, b, activation=activation, residual=residual)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    with pytest.raises(ValueError, match="activation"):
+        torch_ops.linear(x, w, b, activation="relu")
+
+
+def test_layer_norms(torch_ops):
+    x, r, b = rand(9, 33, seed=1), rand(9, 33, seed=2), rand(33, seed=3)
+    g, beta = 1 + rand(33, seed=4) / 5, rand(33, seed=5)
+    want_y, want_sum = ref.add_layer_norm(x, g, beta, residual=r, eps=1e-5)
+    y, total = torch_ops.add_layer_norm(x, r, g, beta, 1e-5, return_sum=True)
+    torch.testing.assert_close(y, want_y, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(total, want_sum, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(torch_ops.layer_norm(x, g, beta, 1e-5), ref.add_layer_norm(x, g, beta)[0])
+    # LayerNorm(x @ w.T + b + residual): the post-LN sub-block end, and the pre-LN residual stream.
+    w = rand(33, 20, seed=6) / 5
+    h = rand(9, 20, seed=7)
+    want_y, want_sum = ref.add_layer_norm(ref.linear(h, w), g, beta, residual=r, x_bias=b, eps=1e-6)
+    y, total = torch_ops.linear_add_layer_norm(h, w, b, r, g, beta, 1e-6, return_sum=True)
+    torch.testing.assert_close(y, want_y, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(total, want_sum, atol=ATOL, rtol=RTOL)
+
+
+def test_packed_attention_equals_per_sequence_attention(torch_ops):
+    heads, head_dim = 3, 16
+    lengths = [5, 1, 9, 4]
+    keep = torch.arange(9)[None] < torch.tensor(lengths)[:, None]
+    layout = dispatch.PackedLayout.from_mask(keep)
+    assert layout.cu_seqlens.tolist() == [0, 5, 6, 15, 19] and layout.cu_seqlens.dtype == torch.int32
+    qkv = rand(sum(lengths), 3 * heads * head_dim, seed=8)
+    q, k, v = qkv.view(-1, 3, heads, head_dim).unbind(1)
+    want = ref.attention_varlen(q, k, v, layout.cu_seqlens).reshape(len(qkv), -1)
+    torch.testing.assert_close(torch_ops.attention(qkv, heads, layout), want, atol=ATOL, rtol=RTOL)
+    # Twice through the same layout (the grid is reused across layers): same answer.
+    torch.testing.assert_close(torch_ops.attention(qkv * 0.5, heads, layout),
+                               ref.attention_varlen(q * 0.5, k * 0.5, v * 0.5, layout.cu_seqlens).reshape(len(qkv), -1),
+                               atol=ATOL, rtol=RTOL)
+
+
+def test_padded_and_explicit_attention(torch_ops):
+    heads, head_dim, batch, seq = 2, 20, 3, 7
+    keep = torch.arange(seq)[None] < torch.tensor([7, 3, 5])[:, None]
+    layout = dispatch.PaddedLayout(batch, seq, keep)
+    qkv = rand(batch * seq, 3 * heads * head_dim, seed=9)
+    q, k, v = qkv.view(batch, seq, 3, heads, head_dim).unbind(2)
+    want = ref.attention(q, k, v, key_padding_mask=keep).reshape(batch * seq, -1)
+    torch.testing.assert_close(torch_ops.attention(qkv, heads, layout), want, atol=ATOL, rtol=RTOL)
+    out, probs = dispatch.explicit_attention(qkv, heads, layout)
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+    assert probs.shape == (batch, heads, seq, seq)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(batch, heads, seq))
+    assert (probs[1, :, :, 3:] == 0).all()  # padded keys get no weight
+
+
+def test_folded_quick_gelu_mlp_is_quick_gelu(torch_ops):
+    """Folding quick_gelu into SiLU (fc1 * 1.702, fc2.weight / 1.702) changes nothing but speed."""
+    torch.manual_seed(0)
+    layer = EncoderLayer(32, 2, 50, eps=1e-5, activation="quick_gelu", pre_norm=True).eval()
+    x = rand(2 * 6, 32, seed=10)
+    layout = dispatch.PaddedLayout(2, 6)
+    with torch.no_grad():
+        layer.set_quick_gelu_folded(False)
+        plain, _ = layer(x, layout, _NoFold(torch_ops))
+        layer.set_quick_gelu_folded(True)
+        assert layer.quick_gelu_folded
+        folded, _ = layer(x, layout, _Fold(torch_ops))
+        layer.set_quick_gelu_folded(False)
+        restored, _ = layer(x, layout, _NoFold(torch_ops))
+    torch.testing.assert_close(folded, plain, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(restored, plain, atol=ATOL, rtol=RTOL)
+
+
+class _Fold:
+    """The torch ops, forced to want (or not want) the quick_gelu fold."""
+
+    fold = True
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def folds_quick_gelu(self, device, dtype):
+        return self.fold
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+
+class _NoFold(_Fold):
+    fold = False

@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="INPUT", help="folder, glob (quote it: 'photos/**/*.jpg') or text file")
     p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
     p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes that decode and resize images (default: up to 8, "
-                        "one per spare CPU core)")
+                   help="DataLoader worker processes that decode and resize images (default: one per spare "
+                        "CPU core, up to 16)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run, reusing its written batches")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (and discard a partial run)")

@@ -71,6 +71,7 @@ class AotResult:
     shared_bytes: int | None = None
     n_regs: int | None = None
     stack_bytes: int | None = None  # local-memory stack frame: register spills
+    ptx_features: tuple = ()  # which of _PTX_FEATURES the kernel's PTX uses
     error: str | None = None
 
     @property
@@ -86,7 +87,7 @@ class AotResult:
             return f"{self.job.describe()}: ERROR {self.error.strip().splitlines()[-1]}"
         return (
             f"{self.job.describe()}: smem {self.shared_bytes}/{self.smem_limit} B, "
-            f"regs {self.n_regs}, spill stack {self.stack_bytes} B"
+            f"regs {self.n_regs}, spill stack {self.stack_bytes} B, ptx {'/'.join(self.ptx_features) or '-'}"
         )
 
 
@@ -121,7 +122,7 @@ def compile_many(jobs: list[AotJob], timeout: float = 1800) -> list[AotResult]:
     if proc.returncode != 0:
         raise RuntimeError(f"AOT compile worker failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [AotResult(job=j, **row) for j, row in zip(jobs, rows)]
+    return [AotResult(job=j, **{**row, "ptx_features": tuple(row.get("ptx_features", ()))}) for j, row in zip(jobs, rows)]
 
 
 def compile_kernel(kernel, signature: dict, constexprs: dict, *, capability: int, num_warps: int = 4,
@@ -156,6 +157,16 @@ def _resource_usage(cubin: bytes, kernel_name: str) -> tuple[int | None, int | N
     return int(m.group(1)), int(m.group(2))
 
 
+# PTX instruction families worth asserting on: the tensor-core path (Hopper's warpgroup MMA, Ampere's
+# mma.sync), asynchronous copies (cp.async) and Hopper's bulk tensor copies (TMA).
+_PTX_FEATURES = {
+    "wgmma": "wgmma.mma_async",
+    "mma.sync": "mma.sync",
+    "cp.async": "cp.async.",
+    "tma": "cp.async.bulk.tensor",
+}
+
+
 def _compile_one(job: dict) -> dict:
     import importlib
 
@@ -173,7 +184,10 @@ def _compile_one(job: dict) -> dict:
         options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]},
     )
     n_regs, stack = _resource_usage(compiled.asm["cubin"], compiled.metadata.name)
-    return {"shared_bytes": int(compiled.metadata.shared), "n_regs": n_regs, "stack_bytes": stack}
+    ptx = compiled.asm["ptx"]
+    features = [name for name, needle in _PTX_FEATURES.items() if needle in ptx]
+    return {"shared_bytes": int(compiled.metadata.shared), "n_regs": n_regs, "stack_bytes": stack,
+            "ptx_features": features}
 
 
 def _worker() -> None:

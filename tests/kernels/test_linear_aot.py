@@ -3,8 +3,9 @@ per-block shared memory there; the pruning's shared-memory estimate bounds the c
 
 No GPU needed: tests/kernels/aot.py runs Triton's compiler down to a cubin in a child process. Each
 config is compiled with the heaviest epilogue (bias + quick_gelu + residual), the most registers a
-launch can need. Register spills are reported, not asserted (a spill is a speed question for the
-benchmark, not a correctness one); run with ``-rP`` or ``-s`` to see the table.
+launch can need. The PTX must use tensor cores for 16-bit and TF32 operands and must not for IEEE
+fp32. Register spills are reported, not asserted (a spill is a speed question for the benchmark, not a
+correctness one); run with ``-rP`` or ``-s`` to see the table.
 """
 
 from __future__ import annotations
@@ -86,3 +87,17 @@ def test_compiles_and_fits(results, case, record_property):
                                             dtype.itemsize)
     # The pruning budget is only sound if its estimate is an upper bound of what the compiler uses.
     assert r.shared_bytes <= estimate, f"estimate {estimate} B below the compiler's {r.shared_bytes} B"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_tensor_cores_exactly_when_expected(results, case):
+    """16-bit and TF32 products run on tensor cores (wgmma on sm_90, mma.sync on sm_80); IEEE fp32 must
+    not, or it would silently be TF32 and lose fp32 parity."""
+    case_id, _, dtype, precision, cap, _ = case
+    r = results[case_id]
+    assert r.error is None, r.error
+    tensor_core = {90: "wgmma", 80: "mma.sync"}[cap]
+    if dtype == torch.float32 and precision == "ieee":
+        assert not {"wgmma", "mma.sync"} & set(r.ptx_features), r.describe()
+    else:
+        assert tensor_core in r.ptx_features, r.describe()

@@ -9,11 +9,13 @@ sizes, torch.compile, host syncs) are marked ``gpu`` and skip cleanly without CU
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -363,3 +365,29 @@ def test_gpu_launch_path_has_no_host_sync_with_max_seqlen():
 def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v = fused_qkv(1, 12, 1, 20, torch.float32, seed=59)
     torch.testing.assert_close(attention(q, k, v), attention(q, k, v, scale=1 / math.sqrt(20)), atol=0, rtol=0)
+
+
+# --- the CUDA launch path, run by the interpreter --------------------------------------------------------------
+
+_CPU_ONLY = pytest.mark.skipif(CUDA, reason="on CUDA the tests above already run the autotuned path")
+
+
+@_CPU_ONLY
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_every_autotune_config_computes_the_right_answer(head_dim, monkeypatch):
+    """The interpreter normally runs one 32 x 32 config. Here the op takes its CUDA branch instead, once per
+    autotune config (each wrapped alone, so the autotuner has nothing to benchmark), so every block shape the
+    GPU can pick is checked for ragged query and key tails: 130 = 128 + 2 = 2 x 64 + 2."""
+    module = importlib.import_module("kernels.attention")
+    q, k, v = fused_qkv(2, 130, 1, head_dim, torch.float32, seed=61)
+    mask = lengths_mask([130, 97], 130)
+    refs = {False: reference_fp32(q, k, v), True: reference_fp32(q, k, v, mask)}
+    monkeypatch.setattr(module, "INTERPRETED", False)
+    configs = module.autotune_configs(head_dim, torch.float16)
+    assert configs
+    for config in configs:
+        single = triton.autotune(configs=[config], key=["SEQ_BUCKET"])(module._attention_fwd)
+        monkeypatch.setattr(module, "_tuned_kernel", lambda *_, kernel=single: kernel)
+        for masked, ref in refs.items():
+            out = torch.ops.kernels.attention(q, k, v, mask if masked else None, None, 130, head_dim**-0.5, False)
+            torch.testing.assert_close(out, ref, **FP32_TOL, msg=lambda m, c=config, mk=masked: f"{c} mask={mk}: {m}")

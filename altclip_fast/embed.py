@@ -3,8 +3,8 @@
 How a run is kept safe:
 
 - Inputs are listed and sorted up front and cut into batches of ``--batch-size``. Batch ``k`` is
-  written, as soon as it is computed, to ``.<out>.partial/batch-<k>.npz`` through a temporary file,
-  fsync and rename, so a batch file on disk is always complete.
+  written, as soon as it is computed, to ``.<out>.partial/batch-<k>.npz`` through a temporary file
+  and a rename, so a batch file on disk is always complete.
 - ``.<out>.partial/plan.json`` records what the run computes (the inputs' digest, model, dtype,
   normalisation, batch size). ``--resume`` checks it and computes only the batches that have no file.
 - When every batch is done, ``<out>.meta.json`` (rows -> inputs, skipped inputs and why) and then the
@@ -146,7 +146,8 @@ class PartialRun:
             if path.is_file():
                 try:
                     with np.load(path, allow_pickle=False) as data:
-                        data["embeddings"], data["indices"]
+                        for key in ("embeddings", "indices", "skipped", "reasons"):
+                            data[key]  # reads the member in full: a torn file fails its CRC here
                     done.add(k)
                 except Exception:
                     path.unlink()
@@ -162,7 +163,9 @@ class PartialRun:
                 skipped=np.asarray(skipped, dtype=np.int64),
                 reasons=np.asarray(reasons, dtype=str),
             )
-        _fsync_replace(tmp, self.batch_file(k))
+        # No fsync per batch (it would throttle fast GPUs): a killed process leaves complete files
+        # either way, and after a power loss a torn file fails the CRC check in `done` and is redone.
+        os.replace(tmp, self.batch_file(k))
 
     def read_index(self, k: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """Which inputs batch ``k`` embedded and which it skipped (and why); embeddings stay on disk."""

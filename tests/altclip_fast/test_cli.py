@@ -172,12 +172,19 @@ def test_embed_killed_then_resumed_reuses_written_batches(work, full_run):
     np.testing.assert_array_equal(np.load(out), before)
 
 
-def test_embed_resume_refuses_other_settings(work):
+def test_embed_resume_refuses_other_settings_and_redoes_torn_batches(work, full_run):
     out = work / "changed" / "e.npy"
     out.parent.mkdir()
     cmd = ["embed", "photos", "--out", out, "--model", "model", "--batch-size", 3, "--workers", 0, *CPU_FP32]
     assert run_cli(*cmd, cwd=work, env={"_ALTCLIP_FAST_CRASH_AFTER_BATCHES": "1"}).returncode == -9
     assert_one_line_error(run_cli(*cmd, "--resume", "--normalize", cwd=work), "normalize: False then, True now")
+    # A batch file torn by a power loss (renamed, not yet flushed) is detected and computed again.
+    batch = out.parent / ".e.npy.partial" / "batch-000000.npz"
+    batch.write_bytes(batch.read_bytes()[:-40])
+    resumed = run_cli(*cmd, "--resume", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "reused" not in resumed.stdout
+    np.testing.assert_allclose(np.load(out), np.load(full_run[1]), rtol=1e-5, atol=1e-6)
 
 
 def test_embed_captions_to_safetensors_then_overwrite(work, oracle):

@@ -253,7 +253,15 @@ def _tuned_kernel(block_d: int, elem_bytes: int):
 
 
 def _seq_bucket(max_seqlen: int) -> int:
-    return triton.next_power_of_2(max(max_seqlen, 16))
+    """The sequence length rounded up to a power of two (at least 16), the autotune key.
+
+    Written as comparisons rather than bit tricks: under torch.compile with dynamic shapes the length is a
+    SymInt, and each comparison becomes a range guard, so a new length recompiles only when it crosses a
+    bucket boundary."""
+    bucket = 16
+    while bucket < max_seqlen:
+        bucket *= 2
+    return bucket
 
 
 # --- the registered op ------------------------------------------------------------------------------------

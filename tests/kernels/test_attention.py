@@ -346,6 +346,18 @@ def test_gpu_torch_compile_fullgraph_traces_the_op():
 
 @gpu
 @needs_cuda
+def test_gpu_torch_compile_dynamic_lengths():
+    """Text batches come padded to different lengths; with dynamic shapes the sequence length reaches the
+    op as a SymInt and must still trace (the autotune bucket is computed with guards, not bit tricks)."""
+    compiled = torch.compile(lambda q, k, v, m: attention(q, k, v, key_padding_mask=m), fullgraph=True, dynamic=True)
+    for seq in (77, 50, 20):
+        q, k, v = fused_qkv(2, seq, 4, 64, torch.float16, seed=seq)
+        mask = lengths_mask([seq, seq // 2], seq)
+        assert_close_to_reference(compiled(q, k, v, mask), q, k, v, mask)
+
+
+@gpu
+@needs_cuda
 def test_gpu_launch_path_has_no_host_sync_with_max_seqlen():
     q, k, v, cu = packed_qkv([8, 77, 20], 16, 64, torch.float16, seed=47)
     mask = lengths_mask([77, 50, 3], 77)

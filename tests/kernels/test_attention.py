@@ -106,6 +106,13 @@ def test_padded_fp32(seq, head_dim):
     assert_close_to_reference(attention(q, k, v), q, k, v)
 
 
+def test_padded_fp32_text_max_length():
+    """514, XLM-R's position limit, with a padding mask; one head keeps the interpreter quick."""
+    q, k, v = fused_qkv(1, 514, 1, 64, torch.float32, seed=514)
+    mask = lengths_mask([500], 514)
+    assert_close_to_reference(attention(q, k, v, key_padding_mask=mask), q, k, v, mask)
+
+
 @pytest.mark.parametrize("head_dim", [20, 64, 80])
 @pytest.mark.parametrize("seq", [7, 77, 257])
 def test_padded_fp16_three_way(seq, head_dim):

@@ -213,13 +213,13 @@ def _keep(config: triton.Config, block_d: int, elem_bytes: int) -> bool:
     if warps * 16 > bm or bn > bm:
         return False
     # fp32 with IEEE products lowers tl.dot to FMA loops whose operands live in registers. AOT builds spill
-    # ~0.5 KiB at 64 x 32 and 7-11 KiB at 64 x 64, so fp32 (the exactness path, not the fast one) gets the
-    # one smallest tile and no tuning.
+    # 0.4-0.5 KiB at 64 x 32 (head_dim 64) and 7-11 KiB at 64 x 64, so fp32 (the exactness path, not the
+    # fast one) gets the one smallest tile and no tuning.
     if elem_bytes == 4 and (bm, bn) != (64, 32):
         return False
     # Per-thread fp32 live state, accumulator (BM x D) plus score tile (BM x BN). In AOT builds of the masked
-    # kernel nothing spills up to 80 floats; at 96 ptxas spills 8-136 bytes, kept because the big tiles
-    # there are the ones the FlashAttention tutorial finds fastest on H100. The autotuner decides.
+    # kernel nothing spills up to 80 floats; at 96 ptxas spills 8-136 bytes. Those big tiles stay in the
+    # list because more reuse per loaded K/V tile can outweigh a small spill; the autotuner measures which.
     if (bm * block_d + bm * bn) // (32 * warps) > 96:
         return False
     # The pipeline depth is not tuned: take the deepest that fits, since a deeper one only costs smem.
@@ -237,10 +237,13 @@ _ALL_CONFIGS = [
 ]
 
 
+def _class_configs(block_d: int, elem_bytes: int) -> list[triton.Config]:
+    return [c for c in _ALL_CONFIGS if _keep(c, block_d, elem_bytes)]
+
+
 def autotune_configs(head_dim: int, dtype: torch.dtype) -> list[triton.Config]:
     """The configs the CUDA autotuner chooses from for this head_dim and dtype (also used by the AOT test)."""
-    block_d, elem_bytes = _tile_class(head_dim, torch.empty((), dtype=dtype).element_size())
-    return [c for c in _ALL_CONFIGS if _keep(c, block_d, elem_bytes)]
+    return _class_configs(*_tile_class(head_dim, torch.empty((), dtype=dtype).element_size()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -248,7 +251,7 @@ def _tuned_kernel(block_d: int, elem_bytes: int):
     """One autotuner per tile class (see `_tile_class`): each gets only configs that fit its tiles, so no
     candidate fails to compile for lack of shared memory. The key buckets the sequence length so texts of
     8..77 tokens share a few tuning runs instead of one per length."""
-    configs = [c for c in _ALL_CONFIGS if _keep(c, block_d, elem_bytes)]
+    configs = _class_configs(block_d, elem_bytes)
     return triton.autotune(configs=configs, key=["SEQ_BUCKET", "HEAD_DIM", "HAS_MASK", "VARLEN"])(_attention_fwd)
 
 

@@ -85,10 +85,15 @@ def _download_from_hub(repo_id: str) -> Path:
             local = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["pytorch_model*.bin"]))
     except Exception as exc:  # huggingface_hub raises many types: network, auth, offline cache miss
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        hint = (
+            "HF_HUB_OFFLINE is set and the hub cache has no copy of it"
+            if offline
+            else "without network access, set HF_HUB_OFFLINE=1 to use a copy already in the hub cache"
+        )
         raise CheckpointError(
             f"could not get {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}). "
-            "Without network access, pass a local directory that holds config.json and the weights, "
-            "or set HF_HUB_OFFLINE=1 to use a copy already in the cache"
+            f"Pass a local directory that holds config.json and the weights instead; {hint}"
         ) from None
     return local
 

@@ -198,7 +198,7 @@ def test_hub_id_offline_and_not_cached(tmp_path):
         {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path), "HF_HOME": str(tmp_path)},
     )
     assert "ERROR: could not get 'BAAI/AltCLIP' from the Hugging Face Hub" in result.stdout, result.stderr
-    assert "pass a local directory" in result.stdout
+    assert "Pass a local directory" in result.stdout and "HF_HUB_OFFLINE is set and the hub cache has no copy" in result.stdout
 
 
 def test_hub_cache_is_used_offline(saved, tmp_path):

@@ -76,6 +76,23 @@ def test_every_autotune_config_compiles_and_fits_shared_memory(aot_results):
     assert not failed, "configs that fail to compile or overflow shared memory:\n" + "\n".join(failed)
 
 
+def test_16_bit_inputs_use_tensor_cores_and_async_copies(aot_results):
+    """fp16/bf16 tiles must lower to tensor-core MMAs (wgmma on H100, mma.sync on A100), with K/V loads
+    pipelined through cp.async where rows are aligned. fp32 with IEEE products must not use tensor cores
+    (they would round the inputs to TF32)."""
+    wrong = []
+    for r in aot_results:
+        ieee = r.job.signature["Q"] == "*fp32"
+        mma = "wgmma" if r.job.capability == 90 else "mma.sync"
+        # Rows of odd head dims (20) are not 16-byte aligned, so their loads cannot go through cp.async.
+        aligned = r.job.constexprs["HEAD_DIM"] % 16 == 0
+        expected = set() if ieee else {mma} | ({"cp.async"} if aligned else set())
+        used = set(r.ptx_features) & {"wgmma", "mma.sync", "cp.async"}
+        if (ieee and used & {"wgmma", "mma.sync"}) or not expected <= used:
+            wrong.append(f"{r.job.describe()}: ptx uses {sorted(used)}, expected {sorted(expected) or 'no MMA'}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_spills_are_reported(aot_results):
     """cuobjdump ships with Triton's CUDA backend, so registers must be readable for every cubin; the
     spill figures themselves are printed, with the worst named in the report."""

@@ -316,7 +316,7 @@ def _print_table(meta, results, accuracy, compare) -> None:
     for note in meta["notes"]:
         print(f"note: {note}")
     if meta.get("process_peak_rss_mb"):
-        print(f"peak memory (CPU: whole process, both models): {meta['process_peak_rss_mb']:.0f} MB")
+        print(f"peak memory (CPU: whole process, every model loaded): {meta['process_peak_rss_mb']:.0f} MB")
     header = f"{'workload':<50} {'altclip_fast':>14}"
     if compare:
         header += f" {'transformers':>14} {'ratio':>7} {'(min-max)':>13}"

@@ -168,3 +168,15 @@ def test_module_import_does_not_shadow_the_function(hf):
 
     model = copy.deepcopy(hf)
     assert altclip_fast.optimize(model, mlp=False) is model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_gpu_bf16_through_the_kernels(hf, batch, expected):
+    plain = copy.deepcopy(hf).to("cuda", torch.bfloat16)
+    fast = altclip_fast.optimize(copy.deepcopy(hf).to("cuda", torch.bfloat16))
+    lowp = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+    theirs, ours = plain(**lowp), fast(**lowp)
+    for name in ("text_embeds", "image_embeds"):
+        assert rel_err(ours[name].cpu(), expected[name]) <= 2 * rel_err(theirs[name].cpu(), expected[name]) + 1e-3

@@ -3,9 +3,9 @@ AltCLIPVisionModel.
 
 What makes it fast, all invisible in the outputs:
 
-- Weights are re-laid out once at load: one QKV matrix per layer; on CPU, the vision MLP's quick_gelu
-  folded into a SiLU that oneDNN fuses into the GEMM (see ``dispatch``). Conversion to the model's
-  dtype happens once, there too.
+- Weights are re-laid out once at load: one QKV matrix per layer; on CPU in bf16/fp16, the vision
+  MLP's quick_gelu folded into a SiLU that oneDNN fuses into the GEMM (see ``dispatch``). Conversion
+  to the model's dtype happens once, there too.
 - Every op goes through ``dispatch``: Triton kernels on CUDA, the fastest torch path on CPU.
 - Text runs unpadded: pad tokens are dropped before the embeddings, real tokens are packed, and
   attention is varlen over ``cu_seqlens``. Position ids are computed on the padded grid exactly as

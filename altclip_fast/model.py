@@ -185,6 +185,13 @@ def _fold_for_device(module: nn.Module, fast: dict[str, torch.Tensor], *, dtype,
             layer.quick_gelu_folded = True
 
 
+def _dtype_arg(dtype, torch_dtype):
+    """``dtype``, or transformers 4's name for it, for code written against transformers."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree")
+    return dtype if dtype is not None else torch_dtype
+
+
 def _load_pretrained(cls, part: str, mapping_fn, path_or_id, *, dtype, device, backend, strip: str = ""):
     ckpt = load_checkpoint(path_or_id, part)
     state = {(k[len(strip):] if strip and k.startswith(strip) else k): v for k, v in ckpt.state_dict.items()}
@@ -252,8 +259,9 @@ class AltCLIPTextModel(_Tower):
         self.transformation = nn.Linear(h, config.project_dim, **kw)
 
     @classmethod
-    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None):
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None):
         """Load the text tower of an AltCLIP checkpoint directory (or hub id), or a text-tower-only one."""
+        dtype = _dtype_arg(dtype, torch_dtype)
         return _load_pretrained(cls, "text", _text_mapping, path_or_id, dtype=dtype, device=device, backend=backend)
 
     @torch.no_grad()
@@ -399,11 +407,11 @@ class AltCLIPVisionModel(_Tower):
         self.post_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, **kw)
 
     @classmethod
-    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None):
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None):
         """Load the vision tower of an AltCLIP checkpoint directory (or hub id), or a vision-only one."""
         # Vision keys keep their "vision_model." prefix (as in transformers); this tower is flat.
         return _load_pretrained(
-            cls, "vision", _vision_mapping, path_or_id, dtype=dtype, device=device, backend=backend,
+            cls, "vision", _vision_mapping, path_or_id, dtype=_dtype_arg(dtype, torch_dtype), device=device, backend=backend,
             strip="vision_model.",
         )
 
@@ -520,15 +528,18 @@ class AltCLIPModel(nn.Module):
         return self.text_projection.weight.device
 
     @classmethod
-    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None) -> "AltCLIPModel":
+    def from_pretrained(
+        cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None
+    ) -> "AltCLIPModel":
         """Load a checkpoint directory (or hub id) as ``reference.AltCLIPModel.from_pretrained`` does.
 
         ``dtype``: float32 (default), float16 or bfloat16 (or their names); weights are converted
-        once, here. ``backend``: see :attr:`backend`.
+        once, here. ``torch_dtype`` is accepted as transformers 4 spells it. ``backend``: see :attr:`backend`.
         """
         ckpt = load_checkpoint(path_or_id, "model")
         return cls.from_state_dict(
-            ckpt.config, ckpt.state_dict, dtype=dtype, device=device, backend=backend, source=ckpt.source
+            ckpt.config, ckpt.state_dict, dtype=_dtype_arg(dtype, torch_dtype), device=device, backend=backend,
+            source=ckpt.source,
         )
 
     @classmethod

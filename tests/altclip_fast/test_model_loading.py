@@ -128,3 +128,7 @@ def test_weights_converted_once_to_the_requested_dtype(hf, tmp_path_factory, dty
     assert model.dtype == dtype and model.device == torch.device("cpu")
     text = fast.AltCLIPTextModel.from_pretrained(directory, dtype=str(dtype).removeprefix("torch."))
     assert {p.dtype for p in text.parameters()} == {dtype}
+    vision = fast.AltCLIPVisionModel.from_pretrained(directory, torch_dtype=dtype)  # transformers 4's spelling
+    assert {p.dtype for p in vision.parameters()} == {dtype}
+    with pytest.raises(ValueError, match="disagree"):
+        fast.AltCLIPModel.from_pretrained(directory, dtype=torch.float32, torch_dtype=dtype)

@@ -42,6 +42,7 @@ def test_position_ids_match_roberta_on_the_padded_grid(model):
     are requested."""
     ids, mask = make_text_batch(CONFIG, [8, 5, 8], seed=6)
     ids[0, 3] = CONFIG.text_config.pad_token_id  # a pad token that is attended
+    mask[2, 4] = 0  # and a hole in a mask: a real token that is not attended
     packed = model.text_model(ids, mask)
     padded = model.text_model(ids, mask, output_attentions=True)
     real = mask.bool()

@@ -31,6 +31,7 @@ __all__ = [
     "find_weights",
     "read_state_dict",
     "canonicalize_keys",
+    "check_state_dict",
     "load_into",
     "resolve_dtype",
     "Checkpoint",
@@ -179,6 +180,29 @@ def _preview(names: Iterable[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def check_state_dict(
+    expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
+    """Raise CheckpointError listing every missing key, unexpected key and shape mismatch (with shapes)
+    between ``expected`` (key -> shape) and ``state_dict``."""
+    missing = [f"{k} {tuple(expected[k])}" for k in sorted(set(expected) - set(state_dict))]
+    unexpected = [f"{k} {tuple(state_dict[k].shape)}" for k in sorted(set(state_dict) - set(expected))]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched, 10)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
+
+
 def load_into(
     module: torch.nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -192,23 +216,7 @@ def load_into(
     ``module`` may live on the meta device: every parameter is replaced, none is left at its
     initial value. Floating-point tensors are converted to ``dtype`` once, here.
     """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched, 10)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
+    check_state_dict({k: tuple(v.shape) for k, v in module.state_dict().items()}, state_dict, source)
     tensors = {
         k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state_dict.items()
     }

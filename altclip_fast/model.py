@@ -34,11 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint, load_into, resolve_dtype
+from .checkpoint import check_state_dict, load_checkpoint, load_into, resolve_dtype
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
 from .dispatch import PackedLayout, PaddedLayout, get_ops, resolve_backend
 from .encoder import EncoderLayer
-from .errors import CheckpointError
 from .outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
 
 __all__ = ["AltCLIPModel", "AltCLIPTextModel", "AltCLIPVisionModel", "checkpoint_shapes"]
@@ -137,31 +136,10 @@ def checkpoint_shapes(config: AltCLIPConfig) -> dict[str, tuple[int, ...]]:
     return _expected_shapes(model, _model_mapping(config))
 
 
-def _preview(items: list[str], limit: int = 20) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
 def _load_fused(module: nn.Module, mapping, state_dict, *, dtype, device, source: str) -> None:
     """Check ``state_dict`` (canonical keys) against what ``module`` needs, build the fused tensors, and
     assign them. Every checkpoint key is consumed and every parameter filled, or CheckpointError."""
-    expected = _expected_shapes(module, mapping)
-    missing = [f"{k} {expected[k]}" for k in sorted(set(expected) - set(state_dict))]
-    unexpected = [f"{k} {tuple(state_dict[k].shape)}" for k in sorted(set(state_dict) - set(expected))]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {expected[k]}"
-        for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_preview(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {_preview(mismatched, 10)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match the model config:\n  " + "\n  ".join(problems))
+    check_state_dict(_expected_shapes(module, mapping), state_dict, source)
     fast = {}
     for name, sources in mapping.items():
         parts = [state_dict[s] for s in sources]

@@ -63,26 +63,28 @@ def _wants_weights(module: nn.Module, kwargs) -> bool:
 # --------------------------------------------------------------------------- patched forwards
 
 
+def _fused_attention(self, ops, hidden_states, attention_mask, num_heads, scale):
+    """Fused QKV projection + attention over a padded batch: the context rows ``[tokens, hidden]``."""
+    batch, seqlen, _ = hidden_states.shape
+    layout = PaddedLayout(batch, seqlen, _key_padding_mask(attention_mask, batch, seqlen))
+    qkv = ops.linear(_rows(hidden_states), self._altclip_fast_qkv_weight, self._altclip_fast_qkv_bias)
+    return ops.attention(qkv, num_heads, layout, scale)
+
+
 def _text_self_attention_forward(self, hidden_states, attention_mask=None, **kwargs):
     if _wants_weights(self, kwargs):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     ops = _ops_for(self, hidden_states)
-    batch, seqlen, hidden = hidden_states.shape
-    layout = PaddedLayout(batch, seqlen, _key_padding_mask(attention_mask, batch, seqlen))
-    qkv = ops.linear(_rows(hidden_states), self._altclip_fast_qkv_weight, self._altclip_fast_qkv_bias)
-    context = ops.attention(qkv, self.num_attention_heads, layout, self.scaling)
-    return context.view(batch, seqlen, -1), None
+    context = _fused_attention(self, ops, hidden_states, attention_mask, self.num_attention_heads, self.scaling)
+    return context.view(hidden_states.shape), None
 
 
 def _vision_attention_forward(self, hidden_states, attention_mask=None, **kwargs):
     if _wants_weights(self, kwargs):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     ops = _ops_for(self, hidden_states)
-    batch, seqlen, hidden = hidden_states.shape
-    layout = PaddedLayout(batch, seqlen, _key_padding_mask(attention_mask, batch, seqlen))
-    qkv = ops.linear(_rows(hidden_states), self._altclip_fast_qkv_weight, self._altclip_fast_qkv_bias)
-    context = ops.attention(qkv, self.num_heads, layout, self.scale)
-    return ops.linear(context, self.out_proj.weight, self.out_proj.bias).view(batch, seqlen, hidden), None
+    context = _fused_attention(self, ops, hidden_states, attention_mask, self.num_heads, self.scale)
+    return ops.linear(context, self.out_proj.weight, self.out_proj.bias).view(hidden_states.shape), None
 
 
 def _dense_add_norm_forward(self, hidden_states, input_tensor):

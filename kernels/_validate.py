@@ -51,3 +51,16 @@ def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
     """Raise unless ``t.shape == expected``."""
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def as_rows(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as a 2-D ``[rows, n]`` view (row stride free, unit column stride), never a copy."""
+    if t.dim() == 2:
+        return t
+    try:
+        return t.view(-1, n)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be viewed as rows of {n} "
+            "elements without a copy; pass a contiguous tensor"
+        ) from None

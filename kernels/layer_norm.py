@@ -90,19 +90,6 @@ def launch_config(n: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
 
 
-def _rows(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` as a 2-D ``[rows, n]`` view (row stride free, unit column stride), never a copy."""
-    if t.dim() == 2:
-        return t
-    try:
-        return t.view(-1, n)
-    except RuntimeError:
-        raise ValueError(
-            f"{name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be viewed as rows of {n} "
-            "elements without a copy; pass a contiguous tensor"
-        ) from None
-
-
 @torch.library.triton_op("kernels::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(
     x: torch.Tensor,
@@ -114,13 +101,13 @@ def _add_layer_norm_op(
     return_sum: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
-    x2 = _rows("x", x, n)
+    x2 = _validate.as_rows("x", x, n)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # The op always returns two tensors (an op's schema is fixed); without return_sum the second is
     # empty and the kernel never touches it.
     s = torch.empty((m, n) if return_sum else (0,), dtype=x.dtype, device=x.device)
-    r2 = _rows("residual", residual, n) if residual is not None else None
+    r2 = _validate.as_rows("residual", residual, n) if residual is not None else None
     if m > 0:
         cfg = launch_config(n)
         block_m = cfg["BLOCK_M"]
@@ -160,8 +147,8 @@ def _check_inputs(x, weight, bias, residual, x_bias, eps) -> None:
     if residual is not None:
         _validate.check_tensor("residual", residual, dtypes=param_dtypes, device=x.device)
         _validate.check_shape("residual", residual, tuple(x.shape))
-        _rows("residual", residual, n)
-    _rows("x", x, n)
+        _validate.as_rows("residual", residual, n)
+    _validate.as_rows("x", x, n)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 

@@ -195,19 +195,6 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"  # fp16/bf16 operands are exact on tensor cores; the flag only matters for fp32
 
 
-def _rows(name: str, t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` as a 2-D ``[rows, n]`` view (row stride free, unit column stride), never a copy."""
-    if t.dim() == 2:
-        return t
-    try:
-        return t.view(-1, n)
-    except RuntimeError:
-        raise ValueError(
-            f"{name} with shape {tuple(t.shape)} and strides {t.stride()} cannot be viewed as rows of {n} "
-            "elements without a copy; pass a contiguous tensor"
-        ) from None
-
-
 @torch.library.triton_op("kernels::linear", mutates_args=())
 def _linear_op(
     x: torch.Tensor,
@@ -219,10 +206,10 @@ def _linear_op(
 ) -> torch.Tensor:
     k = x.shape[-1]
     n = weight.shape[0]
-    x2 = _rows("x", x, k)
+    x2 = _validate.as_rows("x", x, k)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    r2 = _rows("residual", residual, n) if residual is not None else None
+    r2 = _validate.as_rows("residual", residual, n) if residual is not None else None
     if m > 0 and n > 0:
         args = (
             x2, weight, bias, r2, y,
@@ -271,8 +258,8 @@ def _check_inputs(x, weight, bias, activation, residual) -> None:
     if residual is not None:
         _validate.check_tensor("residual", residual, dtypes=(x.dtype, torch.float32), device=x.device)
         _validate.check_shape("residual", residual, out_shape)
-        _rows("residual", residual, n)
-    _rows("x", x, k)
+        _validate.as_rows("residual", residual, n)
+    _validate.as_rows("x", x, k)
     if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {[a for a in ACTIVATIONS if a]} or None, got {activation!r}")
 

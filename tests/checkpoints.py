@@ -52,6 +52,24 @@ def tiny_config(
     )
 
 
+# Small configs with the awkward sizes the parity tests sweep, by name.
+ODD_CONFIGS = {
+    # text head_dim 20, vision head_dim 16, 4x4 patches + CLS = 17 image tokens
+    "hd20-hd16": tiny_config(),
+    # hidden 60 / 80 (not powers of two), 7x7 patches + CLS = 50 tokens, 3 layers
+    "odd-50tok": tiny_config(
+        text_hidden=60, text_heads=3, vision_hidden=80, vision_heads=5, layers=3, image_size=50, patch_size=7
+    ),
+    # image 44 with patch 8 leaves a ragged border the conv drops: 5x5 + CLS = 26 tokens
+    "ragged-26tok": tiny_config(
+        text_hidden=48, text_heads=3, vision_hidden=60, vision_heads=3, image_size=44, patch_size=8, project_dim=20
+    ),
+}
+
+# Texts of different lengths, padded to the longest with an attention mask; one is a single token.
+MIXED_LENGTHS = [5, 9, 3, 9, 1]
+
+
 def hf_config(config: AltCLIPConfig):
     """The transformers config for the same architecture."""
     import transformers

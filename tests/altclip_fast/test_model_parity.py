@@ -14,7 +14,7 @@ import torch
 import reference
 from altclip_fast import model as fast
 from altclip_fast.config import AltCLIPConfig
-from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, save_hf, tiny_config
+from tests.checkpoints import MIXED_LENGTHS, ODD_CONFIGS, make_pixels, make_text_batch, random_hf_model, save_hf
 from tests.parity import logits_err, rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -22,19 +22,8 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-5  # relative error: embeddings, pooled outputs, real-token states
 LOGITS_TOL = 1e-5  # cosine units (tests/parity.py)
 
-CONFIGS = {
-    # text head_dim 20, vision head_dim 16, 17 image tokens
-    "hd20-hd16": tiny_config(),
-    # hidden sizes that are not powers of two, 50 image tokens, 3 layers
-    "odd-50tok": tiny_config(
-        text_hidden=60, text_heads=3, vision_hidden=80, vision_heads=5, layers=3, image_size=50, patch_size=7
-    ),
-    # a ragged border the patch conv drops: 5x5 + CLS = 26 tokens
-    "ragged-26tok": tiny_config(
-        text_hidden=48, text_heads=3, vision_hidden=60, vision_heads=3, image_size=44, patch_size=8, project_dim=20
-    ),
-}
-LENGTHS = [5, 9, 3, 9, 1]
+CONFIGS = ODD_CONFIGS
+LENGTHS = MIXED_LENGTHS
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

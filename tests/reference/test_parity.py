@@ -14,27 +14,22 @@ transformers = pytest.importorskip("transformers")
 
 import reference  # noqa: E402
 from altclip_fast.config import AltCLIPConfig  # noqa: E402
-from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, save_hf, tiny_config  # noqa: E402
+from tests.checkpoints import (  # noqa: E402
+    MIXED_LENGTHS,
+    ODD_CONFIGS,
+    make_pixels,
+    make_text_batch,
+    random_hf_model,
+    save_hf,
+)
 from tests.parity import logits_err, rel_err  # noqa: E402
 
 TOL = 2e-6  # relative error, every tensor
 FULL_TOL = 5e-6
 LOGITS_TOL = 1e-6  # cosine units
 
-CONFIGS = {
-    # text head_dim 20, vision head_dim 16, 4x4 patches + CLS = 17 image tokens
-    "hd20-hd16": tiny_config(),
-    # hidden 60 / 80 (not powers of two), 7x7 patches + CLS = 50 tokens, 3 layers
-    "odd-50tok": tiny_config(
-        text_hidden=60, text_heads=3, vision_hidden=80, vision_heads=5, layers=3, image_size=50, patch_size=7
-    ),
-    # image 44 with patch 8 leaves a ragged border the conv drops: 5x5 + CLS = 26 tokens
-    "ragged-26tok": tiny_config(
-        text_hidden=48, text_heads=3, vision_hidden=60, vision_heads=3, image_size=44, patch_size=8, project_dim=20
-    ),
-}
-
-LENGTHS = [5, 9, 3, 9, 1]  # padded to 9 with an attention mask; a text may be just one token
+CONFIGS = ODD_CONFIGS
+LENGTHS = MIXED_LENGTHS
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

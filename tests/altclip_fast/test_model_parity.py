@@ -195,12 +195,9 @@ def test_towers_load_and_run_on_their_own(trio, tmp_path):
 
 @pytest.mark.full_size
 @torch.no_grad()
-def test_full_size_baai_architecture(tmp_path):
+def test_full_size_baai_architecture(full_size_checkpoint):
     """The real BAAI/AltCLIP architecture (random weights), tiny batch: 24+24 layers, 257 image tokens."""
-    config = AltCLIPConfig()
-    hf = random_hf_model(config, seed=7)
-    directory = save_hf(hf, tmp_path)
-    del hf  # keep peak memory to two fp32 copies
+    config, directory = AltCLIPConfig(), full_size_checkpoint
     ref = reference.AltCLIPModel.from_pretrained(directory)
     ours = fast.AltCLIPModel.from_pretrained(directory)
     batch = batch_of(config, lengths=[5, 12], images=2)

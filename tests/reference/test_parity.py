@@ -198,12 +198,11 @@ def test_towers_load_on_their_own(pair, tmp_path):
 
 @pytest.mark.full_size
 @torch.no_grad()
-def test_full_size_baai_architecture(tmp_path):
+def test_full_size_baai_architecture(full_size_checkpoint):
     """The real BAAI/AltCLIP architecture (random weights): 24+24 layers, hidden 1024, 257 image tokens."""
     config = AltCLIPConfig()
-    hf = random_hf_model(config, seed=7)
-    directory = save_hf(hf, tmp_path)
-    ours = reference.AltCLIPModel.from_pretrained(directory)
+    hf = transformers.AltCLIPModel.from_pretrained(full_size_checkpoint).eval()
+    ours = reference.AltCLIPModel.from_pretrained(full_size_checkpoint)
     batch = inputs(config, lengths=[5, 12], images=2)
     theirs = hf(**batch, return_loss=True, output_hidden_states=True)
     mine = ours(**batch, return_loss=True, output_hidden_states=True)

@@ -317,21 +317,27 @@ def _print_table(meta, results, accuracy, compare) -> None:
         print(f"note: {note}")
     if meta.get("process_peak_rss_mb"):
         print(f"peak memory (CPU: whole process, every model loaded): {meta['process_peak_rss_mb']:.0f} MB")
-    header = f"{'workload':<50} {'altclip_fast':>14}"
+    header = f"{'workload':<50} {'altclip_fast':>17}"
     if compare:
-        header += f" {'transformers':>14} {'ratio':>7} {'(min-max)':>13}"
+        header += f" {'transformers':>17} {'ratio':>7} {'(min-max)':>13}"
     if any(r["altclip_fast"]["peak_mem_mb"] is not None for r in results):
         header += f" {'peak MB ours/theirs':>20}"
     print(header)
     for r in results:
-        line = f"{r['workload']:<50} {r['altclip_fast']['per_s']:>9.2f} {r['unit'].split('/')[0][:5]:<4}"
+        line = f"{r['workload']:<50} {r['altclip_fast']['per_s']:>8.2f} {r['unit']:<8}"
         if compare:
-            line += f" {r['transformers']['per_s']:>9.2f} {r['unit'].split('/')[0][:5]:<4}"
+            line += f" {r['transformers']['per_s']:>8.2f} {r['unit']:<8}"
             line += f" {r['ratio']:>6.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
         if r["altclip_fast"]["peak_mem_mb"] is not None:
             theirs = f"/{r['transformers']['peak_mem_mb']:.0f}" if compare else ""
             line += f" {r['altclip_fast']['peak_mem_mb']:>12.0f}{theirs}"
         print(line)
+    for r in results:
+        if r["batch"] == 1:  # one item per call: its time is the latency a single request sees
+            line = f"latency, {r['workload']}: altclip_fast {1e3 / r['altclip_fast']['per_s']:.1f} ms"
+            if compare:
+                line += f", transformers {1e3 / r['transformers']['per_s']:.1f} ms"
+            print(line)
     if accuracy:
         for name, err in accuracy.items():
             print(f"max |error| vs fp32 reference, {name}: image embeds {err['image_embeds_max_abs']:.2e}, "

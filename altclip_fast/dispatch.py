@@ -212,6 +212,44 @@ def mkldnn_linear_works(dtype: torch.dtype) -> bool:
     )
 
 
+@functools.cache
+def mkldnn_prepack_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused linear accepts a weight pre-blocked by ``_reorder_linear_weight`` for
+    ``dtype`` and gives bit-identical results (a private op, like the fused linear itself)."""
+    reorder = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+    if reorder is None or not mkldnn_linear_works(dtype):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 24, generator=gen).to(dtype)
+    w = torch.randn(8, 24, generator=gen).to(dtype)
+    try:
+        with torch.no_grad():
+            return torch.equal(_mkldnn_linear()(x, reorder(w, 5), None, "none", [], None),
+                               _mkldnn_linear()(x, w, None, "none", [], None))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter (and cannot change outside inference)
+        return -1
+
+
+def _prepacked(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """oneDNN's blocked copy of ``weight``, made on first use and kept on the weight itself (remade
+    after an in-place change, which bumps the weight's version). A plain-layout weight is re-blocked
+    inside every GEMM call: packing once measured 2-30% faster GEMMs at AltCLIP shapes, for one more
+    copy of each weight in memory."""
+    cached = getattr(weight, "_altclip_fast_prepacked", None)
+    if cached is not None and cached[0] == _version(weight):
+        return cached[1]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    weight._altclip_fast_prepacked = (_version(weight), packed)
+    return packed
+
+
 def _activate_(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     """Apply ``activation`` to a fresh tensor in place (it is ours: no caller sees it)."""
     if activation is None:
@@ -249,6 +287,8 @@ class TorchOps:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         if self.fused_gemm(x.device, x.dtype) and (activation is None or residual is None):
             op = _mkldnn_linear()
+            if mkldnn_prepack_works(x.dtype):
+                weight = _prepacked(weight, x.numel() // x.shape[-1])
             if residual is not None:
                 return op.binary(x, residual, weight, bias, "add")
             attr, algorithm = {None: ("none", None), "gelu": ("gelu", "none"), "silu": ("swish", None)}.get(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from altclip_fast import dispatch
 from altclip_fast.encoder import EncoderLayer
@@ -164,3 +165,21 @@ class _Fold:
 
 class _NoFold(_Fold):
     fold = False
+
+
+@pytest.mark.skipif(not dispatch.mkldnn_prepack_works(torch.bfloat16), reason="oneDNN bf16 weight prepacking unavailable")
+def test_prepacked_weights_follow_in_place_changes():
+    """The CPU path keeps a oneDNN-blocked copy of each weight; it must never serve a stale copy."""
+    ops = dispatch.get_ops("torch")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 64, generator=gen).to(torch.bfloat16)
+    w = torch.randn(48, 64, generator=gen).to(torch.bfloat16)
+    b = torch.randn(48, generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        first = ops.linear(x, w, b)
+        assert torch.equal(first, torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], None))
+        assert hasattr(w, "_altclip_fast_prepacked")  # the packed copy is in use
+        w.mul_(-2)  # as set_quick_gelu_folded rescales weights in place
+        second = ops.linear(x, w, b)
+    torch.testing.assert_close(second.float(), F.linear(x.float(), w.float(), b.float()), atol=0.1, rtol=0.02)
+    assert not torch.allclose(first.float(), second.float(), atol=0.1)

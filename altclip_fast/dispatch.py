@@ -16,7 +16,8 @@ Backends:
   them under Triton's interpreter (slow, for tests that drive the whole model through the kernels).
 - ``"torch"``: plain torch. The default for CPU tensors. On CPU it uses oneDNN's fused
   linear + bias + activation / + residual (``torch.ops.mkldnn._linear_pointwise``, what inductor
-  emits for the same pattern) for bf16/fp16 where a probe shows it works, MKL's GEMM with in-place
+  emits for the same pattern, each weight pre-blocked once for it) for bf16/fp16 where a probe shows
+  it works, MKL's GEMM with in-place
   epilogues for fp32, and ``F.scaled_dot_product_attention``.
 
 ``ALTCLIP_FAST_BACKEND`` (``auto``, ``torch`` or ``triton``) sets the default; an explicit

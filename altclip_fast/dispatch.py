@@ -20,6 +20,10 @@ Backends:
   it works, MKL's GEMM with in-place
   epilogues for fp32, and ``F.scaled_dot_product_attention``.
 
+``ALTCLIP_FAST_GEMM=torch`` keeps the Triton backend's attention and LayerNorm kernels but runs its
+GEMMs through torch (cuBLAS on CUDA) with the epilogue in torch, so the two GEMM paths can be measured
+against each other end to end on a GPU before either is made the default for a shape.
+
 ``ALTCLIP_FAST_BACKEND`` (``auto``, ``torch`` or ``triton``) sets the default; an explicit
 ``backend=`` argument wins over it. ``kernels`` is imported only when the Triton backend is used, so
 the torch path never needs Triton.
@@ -49,6 +53,7 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "ALTCLIP_FAST_BACKEND"
+GEMM_ENV_VAR = "ALTCLIP_FAST_GEMM"
 # quick_gelu(x) = x * sigmoid(QUICK_GELU_ALPHA * x), as CLIP defines it.
 QUICK_GELU_ALPHA = 1.702
 ACTIVATIONS = (None, "gelu", "quick_gelu", "silu")
@@ -343,6 +348,14 @@ def _import_kernels():
     return kernels
 
 
+def triton_gemm() -> bool:
+    """Whether the Triton backend runs its GEMMs in Triton (default) or in torch (``ALTCLIP_FAST_GEMM=torch``)."""
+    name = os.environ.get(GEMM_ENV_VAR, "triton").strip().lower()
+    if name not in ("triton", "torch"):
+        raise ValueError(f"{GEMM_ENV_VAR} must be 'triton' or 'torch', got {name!r}")
+    return name == "triton"
+
+
 class TritonOps:
     """The fused Triton kernels (``kernels`` package)."""
 
@@ -374,6 +387,9 @@ class TritonOps:
         self._check_device(x)
         if activation == "silu":
             raise ValueError("the triton backend runs quick_gelu itself; the model must not fold it into silu")
+        if not triton_gemm():
+            y = _activate_(F.linear(x, weight, bias), activation)
+            return y if residual is None else y.add_(residual)
         return self.kernels.linear(x, weight, bias, activation=activation, residual=residual)
 
     def layer_norm(self, x, weight, bias, eps):
@@ -386,7 +402,8 @@ class TritonOps:
 
     def linear_add_layer_norm(self, x, weight, bias, residual, ln_weight, ln_bias, eps, *, return_sum=False):
         self._check_device(x)
-        y = self.kernels.linear(x, weight, None)
+        # The bias goes into the LayerNorm kernel's x_bias: one pass fewer over the GEMM output.
+        y = self.kernels.linear(x, weight, None) if triton_gemm() else F.linear(x, weight)
         return self.kernels.add_layer_norm(
             y, ln_weight, ln_bias, residual=residual, x_bias=bias, eps=eps, return_sum=return_sum
         )

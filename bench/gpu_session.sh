@@ -33,4 +33,7 @@ if [[ $stage == bench || $stage == all ]]; then
     run 120 python bench/bench_layer_norm.py --dtype bf16
     run 180 python bench/bench_linear.py --dtype bf16
     run 400 python -m altclip_fast.benchmark --dtype bf16 --json "$OUT/e2e.json"
+    # The same with cuBLAS GEMMs (epilogues in torch) under the Triton attention and LayerNorm:
+    # which GEMM path to keep per shape is decided from these two runs and bench_linear.py.
+    ALTCLIP_FAST_GEMM=torch run 400 python -m altclip_fast.benchmark --dtype bf16 --no-check --json "$OUT/e2e-torch-gemm.json"
 fi

@@ -183,3 +183,26 @@ def test_prepacked_weights_follow_in_place_changes():
         second = ops.linear(x, w, b)
     torch.testing.assert_close(second.float(), F.linear(x.float(), w.float(), b.float()), atol=0.1, rtol=0.02)
     assert not torch.allclose(first.float(), second.float(), atol=0.1)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "quick_gelu"])
+def test_triton_backend_with_torch_gemms(monkeypatch, activation):
+    """ALTCLIP_FAST_GEMM=torch: the Triton backend's GEMMs run in torch, its LayerNorm stays a kernel."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(dispatch.GEMM_ENV_VAR, "torch")
+    ops = dispatch.get_ops("triton")
+    calls = []
+    monkeypatch.setattr(ops.kernels, "linear", lambda *a, **k: calls.append("linear"))
+    real_ln = ops.kernels.add_layer_norm
+    monkeypatch.setattr(ops.kernels, "add_layer_norm", lambda *a, **k: calls.append("ln") or real_ln(*a, **k))
+    x, w, b, r = rand(13, 40, seed=1), rand(24, 40, seed=2) / 6, rand(24, seed=3), rand(13, 24, seed=4)
+    got = ops.linear(x, w, b, activation=activation, residual=r)
+    torch.testing.assert_close(got, ref.linear(x, w, b, activation=activation, residual=r), atol=ATOL, rtol=RTOL)
+    g, beta = 1 + rand(24, seed=5) / 5, rand(24, seed=6)
+    y = ops.linear_add_layer_norm(x, w, b, r, g, beta, 1e-5)
+    torch.testing.assert_close(y, ref.add_layer_norm(ref.linear(x, w), g, beta, residual=r, x_bias=b)[0],
+                               atol=ATOL, rtol=RTOL)
+    assert calls == ["ln"]  # no Triton GEMM ran
+    monkeypatch.setenv(dispatch.GEMM_ENV_VAR, "cutlass")
+    with pytest.raises(ValueError, match="ALTCLIP_FAST_GEMM"):
+        ops.linear(x, w, b)

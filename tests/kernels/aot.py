@@ -206,3 +206,15 @@ def _worker() -> None:
 
 if __name__ == "__main__":
     _worker()
+
+
+def check_compiled(result: "AotResult", record_property=None) -> None:
+    """Assert that an AOT compile succeeded and fits the target's shared memory; record its resources
+    (shared bytes, registers, spill stack) as test properties when pytest's ``record_property`` is given."""
+    print(result.describe())
+    assert result.error is None, result.error
+    if record_property is not None:
+        record_property("shared_bytes", result.shared_bytes)
+        record_property("n_regs", result.n_regs)
+        record_property("spill_stack_bytes", result.stack_bytes)
+    assert result.fits, result.describe()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kernels  # noqa: F401
-from tests.kernels.aot import CAPABILITIES, AotJob, compile_many, kernel_path
+from tests.kernels.aot import CAPABILITIES, AotJob, check_compiled, compile_many, kernel_path
 
 linear_module = sys.modules["kernels.linear"]
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -76,12 +76,7 @@ def test_every_variant_has_configs():
 def test_compiles_and_fits(results, case, record_property):
     case_id, config, dtype, *_ = case
     r = results[case_id]
-    print(r.describe())
-    assert r.error is None, r.error
-    record_property("shared_bytes", r.shared_bytes)
-    record_property("n_regs", r.n_regs)
-    record_property("spill_stack_bytes", r.stack_bytes)
-    assert r.fits, r.describe()
+    check_compiled(r, record_property)
     k = config.kwargs
     estimate = linear_module._smem_estimate(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], config.num_stages,
                                             dtype.itemsize)

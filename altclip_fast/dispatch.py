@@ -244,15 +244,21 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _prepacked(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """oneDNN's blocked copy of ``weight``, made on first use and kept on the weight itself (remade
-    after an in-place change, which bumps the weight's version). A plain-layout weight is re-blocked
-    inside every GEMM call: packing once measured 2-30% faster GEMMs at AltCLIP shapes, for one more
-    copy of each weight in memory."""
-    cached = getattr(weight, "_altclip_fast_prepacked", None)
-    if cached is not None and cached[0] == _version(weight):
-        return cached[1]
+    """oneDNN's blocked copy of ``weight``, made on first use and kept on the weight itself (on its base
+    tensor for a view, such as the patch embedding's 2-D view of its conv weight, so a fresh view per
+    call still hits the cache). It is remade after an in-place change, which bumps the version counter
+    that views share with their base. A plain-layout weight is re-blocked inside every GEMM call:
+    packing once measured 2-30% faster GEMMs at AltCLIP shapes, for one more copy of each weight."""
+    owner = weight if weight._base is None else weight._base
+    key = (tuple(weight.shape), weight.stride(), weight.storage_offset())
+    cache = getattr(owner, "_altclip_fast_prepacked", None)
+    if cache is None:
+        cache = owner._altclip_fast_prepacked = {}
+    hit = cache.get(key)
+    if hit is not None and hit[0] == _version(weight):
+        return hit[1]
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-    weight._altclip_fast_prepacked = (_version(weight), packed)
+    cache[key] = (_version(weight), packed)
     return packed
 
 

@@ -206,3 +206,20 @@ def test_triton_backend_with_torch_gemms(monkeypatch, activation):
     monkeypatch.setenv(dispatch.GEMM_ENV_VAR, "cutlass")
     with pytest.raises(ValueError, match="ALTCLIP_FAST_GEMM"):
         ops.linear(x, w, b)
+
+
+@pytest.mark.skipif(not dispatch.mkldnn_prepack_works(torch.bfloat16), reason="oneDNN bf16 weight prepacking unavailable")
+def test_prepacked_view_weights_are_cached_on_their_base():
+    """A fresh view per call (the patch embedding's 2-D view of its conv weight) reuses one packed copy,
+    and an in-place change of the base reaches it."""
+    ops = dispatch.get_ops("torch")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 64, generator=gen).to(torch.bfloat16)
+    conv = torch.randn(48, 4, 4, 4, generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        first = ops.linear(x, conv.view(48, -1))
+        again = ops.linear(x, conv.view(48, -1))
+        assert len(conv._altclip_fast_prepacked) == 1 and torch.equal(first, again)
+        conv.mul_(-1)
+        flipped = ops.linear(x, conv.view(48, -1))
+    torch.testing.assert_close(flipped.float(), -first.float(), atol=0, rtol=0)

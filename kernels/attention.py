@@ -271,9 +271,9 @@ def _seq_bucket(max_seqlen: int) -> int:
 #
 # triton_op + wrap_triton make the launch visible to torch.compile: it traces into this body and sees the
 # kernel call (a plain custom_op would be opaque). The same op also serves CPU tensors under the interpreter,
-# eagerly: there wrap_triton hands the call straight to the interpreted kernel. torch.compile cannot trace it
-# on CPU, because wrap_triton only recognises real JITFunction/Autotuner objects and the interpreter replaces
-# them, so a compiled CPU graph would run the kernel on fake tensors; that path only matters on CUDA.
+# eagerly, calling the interpreted kernel directly: torch < 2.13's wrap_triton rejects interpreted kernels,
+# and torch.compile cannot trace them anyway (only real JITFunction/Autotuner objects), so that path only
+# matters on CUDA.
 # allow_tf32 is an argument, not read in here, so the op is a pure function of its inputs.
 
 
@@ -331,7 +331,7 @@ def _attention_op(
         return (batch * heads, triton.cdiv(max_seqlen, meta["BLOCK_M"]))
 
     if INTERPRETED:
-        torch.library.wrap_triton(_attention_fwd)[grid](*args, **flags, **INTERPRETER_CONFIG)
+        _attention_fwd[grid](*args, **flags, **INTERPRETER_CONFIG)  # see the note above the op
     else:
         kernel = _tuned_kernel(*_tile_class(head_dim, q.element_size()))
         torch.library.wrap_triton(kernel)[grid](*args, **flags)

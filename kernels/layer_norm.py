@@ -111,7 +111,9 @@ def _add_layer_norm_op(
     if m > 0:
         cfg = launch_config(n)
         block_m = cfg["BLOCK_M"]
-        torch.library.wrap_triton(_add_layer_norm_fwd)[(triton.cdiv(m, block_m),)](
+        # Interpreted kernels are called directly: torch < 2.13's wrap_triton rejects them.
+        kernel = _add_layer_norm_fwd if INTERPRETED else torch.library.wrap_triton(_add_layer_norm_fwd)
+        kernel[(triton.cdiv(m, block_m),)](
             x2, x_bias, r2, weight, bias, y, s,
             m, n,
             x2.stride(0), r2.stride(0) if r2 is not None else 0, y.stride(0), s.stride(0) if return_sum else 0,

@@ -228,7 +228,8 @@ def _linear_op(
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
         if INTERPRETED:
-            torch.library.wrap_triton(_linear_fwd)[grid](*args, **flags, **INTERPRETER_CONFIG)
+            # Interpreted kernels are called directly: torch < 2.13's wrap_triton rejects them.
+            _linear_fwd[grid](*args, **flags, **INTERPRETER_CONFIG)
         else:
             kernel = _TUNED[_variant(x.dtype, input_precision)]
             torch.library.wrap_triton(kernel)[grid](*args, **flags)

@@ -357,6 +357,13 @@ def run(args: argparse.Namespace) -> int:
                     record({"workload": "images b=1, CUDA graph", "unit": "images/s", "batch": 1,
                             **_measure(graphed, 1, rounds, device)})
 
+    if gpu:
+        from .dispatch import get_ops
+        from .gemm_choice import gemm_mode
+
+        # Which GEMM path each shape took (measured on this GPU on first use; see altclip_fast.gemm_choice).
+        meta["gemm_mode"] = gemm_mode()
+        meta["gemm_paths"] = get_ops("triton").gemm_paths.report()
     if not gpu:
         import resource
 
@@ -421,6 +428,12 @@ class _Table:
                 if "transformers" in r:
                     line += f", transformers {1e3 / r['transformers']['per_s']:.2f} ms"
                 print(line)
+        if meta.get("gemm_paths"):
+            won = [p["choice"] for p in meta["gemm_paths"]]
+            print(f"GEMM path per shape (measured, {meta['gemm_mode']}): Triton kernel for {won.count('triton')}, "
+                  f"torch (cuBLAS) for {won.count('torch')} of {len(won)} shapes; details in the JSON")
+        elif meta.get("gemm_mode") in ("triton", "torch"):
+            print(f"GEMM path forced by ALTCLIP_FAST_GEMM={meta['gemm_mode']}")
         if accuracy:
             for name, err in accuracy.items():
                 print(f"max |error| vs fp32 reference, {name}: image embeds {err['image_embeds_max_abs']:.2e}, "

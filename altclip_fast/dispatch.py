@@ -20,9 +20,9 @@ Backends:
   it works, MKL's GEMM with in-place
   epilogues for fp32, and ``F.scaled_dot_product_attention``.
 
-``ALTCLIP_FAST_GEMM=torch`` keeps the Triton backend's attention and LayerNorm kernels but runs its
-GEMMs through torch (cuBLAS on CUDA) with the epilogue in torch, so the two GEMM paths can be measured
-against each other end to end on a GPU before either is made the default for a shape.
+On CUDA the Triton backend runs each GEMM shape through whichever of the Triton kernel (fused epilogue)
+and torch's GEMM (cuBLAS, epilogue in torch) measured faster for it on this GPU: see ``gemm_choice``.
+``ALTCLIP_FAST_GEMM=triton`` or ``=torch`` forces one path; attention and LayerNorm stay kernels.
 
 ``ALTCLIP_FAST_BACKEND`` (``auto``, ``torch`` or ``triton``) sets the default; an explicit
 ``backend=`` argument wins over it. ``kernels`` is imported only when the Triton backend is used, so
@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .gemm_choice import MeasuredChoice, gemm_mode
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
@@ -53,7 +55,6 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "ALTCLIP_FAST_BACKEND"
-GEMM_ENV_VAR = "ALTCLIP_FAST_GEMM"
 # quick_gelu(x) = x * sigmoid(QUICK_GELU_ALPHA * x), as CLIP defines it.
 QUICK_GELU_ALPHA = 1.702
 ACTIVATIONS = (None, "gelu", "quick_gelu", "silu")
@@ -267,7 +268,9 @@ def _activate_(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation is None:
         return y
     if activation == "gelu":
-        return y.copy_(F.gelu(y))
+        # On CPU, writing back into y spares a fresh [tokens, ffn] buffer (page faults); on CUDA the caching
+        # allocator makes the new buffer free and the copy would be a whole extra pass.
+        return F.gelu(y) if y.is_cuda else y.copy_(F.gelu(y))
     if activation == "silu":
         return F.silu(y, inplace=True)
     if activation == "quick_gelu":
@@ -277,6 +280,12 @@ def _activate_(y: torch.Tensor, activation: str | None) -> torch.Tensor:
         gate = torch.mul(y, QUICK_GELU_ALPHA).sigmoid_()
         return y.mul_(gate)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _torch_linear(x, weight, bias, activation, residual):
+    """The GEMM in torch (cuBLAS fuses the bias on CUDA), then the activation and residual in place."""
+    y = _activate_(F.linear(x, weight, bias), activation)
+    return y if residual is None else y.add_(residual)
 
 
 class TorchOps:
@@ -308,8 +317,7 @@ class TorchOps:
             )
             y = op(x, weight, bias, attr, [], algorithm)
             return _activate_(y, "quick_gelu") if activation == "quick_gelu" else y
-        y = _activate_(F.linear(x, weight, bias), activation)
-        return y if residual is None else y.add_(residual)
+        return _torch_linear(x, weight, bias, activation, residual)
 
     def layer_norm(self, x, weight, bias, eps):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -354,14 +362,6 @@ def _import_kernels():
     return kernels
 
 
-def triton_gemm() -> bool:
-    """Whether the Triton backend runs its GEMMs in Triton (default) or in torch (``ALTCLIP_FAST_GEMM=torch``)."""
-    name = os.environ.get(GEMM_ENV_VAR, "triton").strip().lower()
-    if name not in ("triton", "torch"):
-        raise ValueError(f"{GEMM_ENV_VAR} must be 'triton' or 'torch', got {name!r}")
-    return name == "triton"
-
-
 class TritonOps:
     """The fused Triton kernels (``kernels`` package)."""
 
@@ -369,6 +369,7 @@ class TritonOps:
 
     def __init__(self):
         self._kernels = None
+        self.gemm_paths = MeasuredChoice()  # per-shape GEMM path on CUDA, measured on first use
 
     @property
     def kernels(self):
@@ -389,14 +390,33 @@ class TritonOps:
     def folds_quick_gelu(self, device, dtype) -> bool:
         return False  # the linear kernel has quick_gelu in its epilogue
 
+    def _gemm(self, x, weight, bias=None, *, activation=None, residual=None):
+        """``act(x @ weight.T + bias) (+ residual)`` through the Triton kernel or torch, per ``gemm_choice``."""
+        path = gemm_mode()
+        if path == "auto":
+            # Under the interpreter (CPU) the kernels are what this backend exists to run.
+            path = self._measured_path(x, weight, bias, activation, residual) if x.is_cuda else "triton"
+        if path == "torch":
+            return _torch_linear(x, weight, bias, activation, residual)
+        return self.kernels.linear(x, weight, bias, activation=activation, residual=residual)
+
+    def _measured_path(self, x, weight, bias, activation, residual) -> str:
+        rows = x.numel() // x.shape[-1]
+        # Rows are bucketed to their power-of-two ceiling, as the kernel's autotune key does: packed
+        # text changes the exact count every batch.
+        key = (str(x.device), str(x.dtype).removeprefix("torch."), 1 << max(rows - 1, 0).bit_length(),
+               weight.shape[0], weight.shape[1], bias is not None, activation, residual is not None,
+               x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+        return self.gemm_paths.pick(key, {
+            "triton": lambda: self.kernels.linear(x, weight, bias, activation=activation, residual=residual),
+            "torch": lambda: _torch_linear(x, weight, bias, activation, residual),
+        }, default="triton")
+
     def linear(self, x, weight, bias=None, *, activation=None, residual=None):
         self._check_device(x)
         if activation == "silu":
             raise ValueError("the triton backend runs quick_gelu itself; the model must not fold it into silu")
-        if not triton_gemm():
-            y = _activate_(F.linear(x, weight, bias), activation)
-            return y if residual is None else y.add_(residual)
-        return self.kernels.linear(x, weight, bias, activation=activation, residual=residual)
+        return self._gemm(x, weight, bias, activation=activation, residual=residual)
 
     def layer_norm(self, x, weight, bias, eps):
         self._check_device(x)
@@ -409,7 +429,7 @@ class TritonOps:
     def linear_add_layer_norm(self, x, weight, bias, residual, ln_weight, ln_bias, eps, *, return_sum=False):
         self._check_device(x)
         # The bias goes into the LayerNorm kernel's x_bias: one pass fewer over the GEMM output.
-        y = self.kernels.linear(x, weight, None) if triton_gemm() else F.linear(x, weight)
+        y = self._gemm(x, weight)
         return self.kernels.add_layer_norm(
             y, ln_weight, ln_bias, residual=residual, x_bias=bias, eps=eps, return_sum=return_sum
         )

@@ -35,10 +35,11 @@ run 40 python -c "import torch, triton, transformers; print('torch', torch.__ver
 
 if [[ $stage == e2e || $stage == all ]]; then
     run 330 python -m altclip_fast.benchmark --dtype bf16 --json "$OUT/e2e.json"
-    # The same with cuBLAS GEMMs (epilogues in torch) under the Triton attention and LayerNorm:
-    # which GEMM path to keep per shape is decided from these two runs and bench_linear.py.
-    ALTCLIP_FAST_GEMM=torch run 180 python -m altclip_fast.benchmark --dtype bf16 --no-check --no-cuda-graphs \
-        --json "$OUT/e2e-torch-gemm.json"
+    # The default measures, per GEMM shape, the Triton kernel against cuBLAS + torch epilogue and keeps
+    # the faster (altclip_fast.gemm_choice; the picks are in e2e.json). This run forces the Triton GEMMs
+    # everywhere, to show what the measured choice buys.
+    ALTCLIP_FAST_GEMM=triton run 180 python -m altclip_fast.benchmark --dtype bf16 --no-check --no-cuda-graphs \
+        --json "$OUT/e2e-triton-gemm.json"
 fi
 if [[ $stage == kernels || $stage == all ]]; then
     run 180 python bench/bench_attention.py --dtype bf16 --json "$OUT/attention.json"

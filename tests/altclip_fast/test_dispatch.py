@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from altclip_fast import dispatch
+from altclip_fast import dispatch, gemm_choice
 from altclip_fast.encoder import EncoderLayer
 from reference import ops as ref
 
@@ -189,7 +189,7 @@ def test_prepacked_weights_follow_in_place_changes():
 def test_triton_backend_with_torch_gemms(monkeypatch, activation):
     """ALTCLIP_FAST_GEMM=torch: the Triton backend's GEMMs run in torch, its LayerNorm stays a kernel."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv(dispatch.GEMM_ENV_VAR, "torch")
+    monkeypatch.setenv(gemm_choice.ENV_VAR, "torch")
     ops = dispatch.get_ops("triton")
     calls = []
     monkeypatch.setattr(ops.kernels, "linear", lambda *a, **k: calls.append("linear"))
@@ -203,7 +203,7 @@ def test_triton_backend_with_torch_gemms(monkeypatch, activation):
     torch.testing.assert_close(y, ref.add_layer_norm(ref.linear(x, w), g, beta, residual=r, x_bias=b)[0],
                                atol=ATOL, rtol=RTOL)
     assert calls == ["ln"]  # no Triton GEMM ran
-    monkeypatch.setenv(dispatch.GEMM_ENV_VAR, "cutlass")
+    monkeypatch.setenv(gemm_choice.ENV_VAR, "cutlass")
     with pytest.raises(ValueError, match="ALTCLIP_FAST_GEMM"):
         ops.linear(x, w, b)
 

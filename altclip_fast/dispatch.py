@@ -9,6 +9,9 @@ The encoder needs four operations; each backend implements them the fastest corr
   stream of a pre-LN layer). Post-LN and pre-LN layers both end their sub-blocks with it;
 - ``attention(qkv, num_heads, layout, scale)``: softmax attention over the output of a fused QKV
   projection ``[tokens, 3 * hidden]``, for a padded batch or for packed (unpadded) sequences.
+- ``query_attention(q, kv, num_heads, layout, scale)``: the same for one query per sequence
+  (``q`` ``[batch, hidden]``) over its sequence's keys and values (``kv`` ``[tokens, 2 * hidden]``): a
+  last layer whose only output is the pooled token needs no other queries.
 
 Backends:
 
@@ -160,6 +163,12 @@ def _padded_qkv(qkv: torch.Tensor, num_heads: int, layout: PaddedLayout):
     """Views ``q, k, v`` ``[batch, heads, seq, head_dim]`` of a fused projection, without copies."""
     head_dim = qkv.shape[-1] // (3 * num_heads)
     return qkv.view(layout.batch, layout.seqlen, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _padded_kv(kv: torch.Tensor, num_heads: int, layout: PaddedLayout):
+    """Views ``k, v`` ``[batch, seq, heads, head_dim]`` of a fused key/value projection ``[tokens, 2 * hidden]``."""
+    head_dim = kv.shape[-1] // (2 * num_heads)
+    return kv.view(layout.batch, layout.seqlen, 2, num_heads, head_dim).unbind(2)
 
 
 def explicit_attention(qkv: torch.Tensor, num_heads: int, layout: PaddedLayout, scale: float | None = None):
@@ -342,6 +351,14 @@ class TorchOps:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.additive_mask(qkv.dtype), scale=scale)
         return out.transpose(1, 2).reshape(layout.num_tokens, -1)
 
+    def query_attention(self, q, kv, num_heads, layout, scale=None):
+        if isinstance(layout, PackedLayout):
+            return self.query_attention(q, layout.scatter_to_grid(kv), num_heads, layout.grid, scale)
+        k, v = (t.transpose(1, 2) for t in _padded_kv(kv, num_heads, layout))
+        q = q.view(layout.batch, num_heads, 1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.additive_mask(q.dtype), scale=scale)
+        return out.reshape(layout.batch, -1)
+
 
 # ----------------------------------------------------------------------------------------------
 # Triton backend
@@ -446,3 +463,13 @@ class TritonOps:
             q, k, v = qkv.view(layout.batch, layout.seqlen, 3, num_heads, head_dim).unbind(2)
             out = self.kernels.attention(q, k, v, key_padding_mask=layout.key_padding_mask, scale=scale)
         return out.reshape(layout.num_tokens, num_heads * head_dim)
+
+    def query_attention(self, q, kv, num_heads, layout, scale=None):
+        self._check_device(q)
+        if isinstance(layout, PackedLayout):
+            return self.query_attention(q, layout.scatter_to_grid(kv), num_heads, layout.grid, scale)
+        k, v = _padded_kv(kv, num_heads, layout)
+        q = q.view(layout.batch, 1, num_heads, -1)
+        return self.kernels.attention(q, k, v, key_padding_mask=layout.key_padding_mask, scale=scale).reshape(
+            layout.batch, -1
+        )

@@ -80,6 +80,16 @@ class EncoderLayer(nn.Module):
             self.set_quick_gelu_folded(fold)
         return "silu" if fold else "quick_gelu"
 
+    def _kept_rows_attention(self, ops, attn_in, layout, keep_rows):
+        """Attention output ``[len(keep_rows), hidden]`` for one query row per sequence: the query
+        projection runs for those rows only, the key/value projection (the fused weight's lower two
+        thirds, a view) for all."""
+        hidden = self.out.weight.shape[0]
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = ops.linear(attn_in.index_select(0, keep_rows), weight[:hidden], bias[:hidden])
+        kv = ops.linear(attn_in, weight[hidden:], bias[hidden:])
+        return ops.query_attention(q, kv, self.num_heads, layout, self.scale)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -92,21 +102,25 @@ class EncoderLayer(nn.Module):
         """``x``: ``[tokens, hidden]``. Returns the layer output and, with ``output_attentions``, the
         attention probabilities (which needs a ``PaddedLayout``).
 
-        ``keep_rows``: compute everything after attention only for these rows (the pooled tokens of
-        a last layer whose other outputs nobody reads); the output then has ``len(keep_rows)`` rows.
+        ``keep_rows``: one row of each sequence, in sequence order (the pooled tokens of a last layer
+        whose other outputs nobody reads). Only these rows get queries, attention and everything after
+        it; keys and values still come from every row. The output then has ``len(keep_rows)`` rows.
         """
         act = self._mlp_activation(ops, x)
         attn_in = ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.eps) if self.pre_norm else x
-        qkv = ops.linear(attn_in, self.qkv.weight, self.qkv.bias)
         probs = None
-        if output_attentions:
-            if not isinstance(layout, PaddedLayout):
-                raise ValueError("output_attentions needs a padded layout")
-            attn, probs = explicit_attention(qkv, self.num_heads, layout, self.scale)
-        else:
-            attn = ops.attention(qkv, self.num_heads, layout, self.scale)
         if keep_rows is not None:
-            attn, x = attn.index_select(0, keep_rows), x.index_select(0, keep_rows)
+            if output_attentions:
+                raise ValueError("keep_rows computes attention for the kept rows only: no attention maps")
+            attn, x = self._kept_rows_attention(ops, attn_in, layout, keep_rows), x.index_select(0, keep_rows)
+        else:
+            qkv = ops.linear(attn_in, self.qkv.weight, self.qkv.bias)
+            if output_attentions:
+                if not isinstance(layout, PaddedLayout):
+                    raise ValueError("output_attentions needs a padded layout")
+                attn, probs = explicit_attention(qkv, self.num_heads, layout, self.scale)
+            else:
+                attn = ops.attention(qkv, self.num_heads, layout, self.scale)
         if self.pre_norm:
             mlp_in, h = ops.linear_add_layer_norm(
                 attn, self.out.weight, self.out.bias, x, self.norm2.weight, self.norm2.bias, self.eps, return_sum=True

@@ -13,7 +13,7 @@ import torch
 
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     assert ours.shape == theirs.shape, f"shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
-    ours, theirs = ours.double(), theirs.double()
+    ours, theirs = ours.double().cpu(), theirs.double().cpu()
     assert torch.isfinite(ours).all(), "non-finite values"
     denom = theirs.norm().item()
     return (ours - theirs).norm().item() / (denom if denom > 0 else 1.0)
@@ -22,4 +22,4 @@ def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def logits_err(ours: torch.Tensor, theirs: torch.Tensor, logit_scale: torch.Tensor | float) -> float:
     assert ours.shape == theirs.shape, f"shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
     scale = torch.as_tensor(logit_scale).double().exp().item()
-    return (ours.double() - theirs.double()).abs().max().item() / scale
+    return (ours.double().cpu() - theirs.double().cpu()).abs().max().item() / scale

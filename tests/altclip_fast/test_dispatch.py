@@ -130,6 +130,37 @@ def test_padded_and_explicit_attention(torch_ops):
     assert (probs[1, :, :, 3:] == 0).all()  # padded keys get no weight
 
 
+def _to_cuda(layout):
+    if isinstance(layout, dispatch.PackedLayout):
+        return dispatch.PackedLayout.from_mask(layout.grid.key_padding_mask.cuda())
+    return dispatch.PaddedLayout(layout.batch, layout.seqlen, layout.key_padding_mask.cuda())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_query_attention_is_full_attention_at_one_row_per_sequence(monkeypatch, backend, packed):
+    """One query per sequence (any of its rows) over all its keys: what full attention gives that row."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ops = dispatch.get_ops(backend)
+    heads, head_dim, lengths = 2, 16, [5, 1, 9, 4]
+    keep = torch.arange(9)[None] < torch.tensor(lengths)[:, None]
+    if packed:
+        layout = dispatch.PackedLayout.from_mask(keep)
+        rows = layout.cu_seqlens[:-1].long() + torch.tensor([4, 0, 3, 1])  # not only first tokens
+    else:
+        keep[1] = keep[1].flip(0)  # a left-padded row: its row 0 is a pad, still given a query
+        layout = dispatch.PaddedLayout(4, 9, keep)
+        rows = torch.arange(4) * 9 + torch.tensor([0, 0, 8, 2])
+    hidden = heads * head_dim
+    qkv = rand(layout.num_tokens, 3 * hidden, seed=10)
+    if backend == "triton" and torch.cuda.is_available():  # compiled kernels take CUDA tensors only
+        qkv, rows, layout = qkv.cuda(), rows.cuda(), _to_cuda(layout)
+    want = ops.attention(qkv, heads, layout).index_select(0, rows)
+    got = ops.query_attention(qkv[rows, :hidden].contiguous(), qkv[:, hidden:].contiguous(), heads, layout)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
 def test_folded_quick_gelu_mlp_is_quick_gelu(torch_ops):
     """Folding quick_gelu into SiLU (fc1 * 1.702, fc2.weight / 1.702) changes nothing but speed."""
     torch.manual_seed(0)
@@ -196,6 +227,8 @@ def test_triton_backend_with_torch_gemms(monkeypatch, activation):
     real_ln = ops.kernels.add_layer_norm
     monkeypatch.setattr(ops.kernels, "add_layer_norm", lambda *a, **k: calls.append("ln") or real_ln(*a, **k))
     x, w, b, r = rand(13, 40, seed=1), rand(24, 40, seed=2) / 6, rand(24, seed=3), rand(13, 24, seed=4)
+    if torch.cuda.is_available():  # compiled kernels take CUDA tensors only
+        x, w, b, r = x.cuda(), w.cuda(), b.cuda(), r.cuda()
     got = ops.linear(x, w, b, activation=activation, residual=r)
     torch.testing.assert_close(got, ref.linear(x, w, b, activation=activation, residual=r), atol=ATOL, rtol=RTOL)
     g, beta = 1 + rand(24, seed=5) / 5, rand(24, seed=6)

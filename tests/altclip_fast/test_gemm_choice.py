@@ -79,6 +79,10 @@ def test_can_measure_is_false_inside_torch_compile():
     assert seen == [False]
 
 
+INTERPRETER_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors (interpreter)")
+
+
+@INTERPRETER_ONLY
 @pytest.mark.parametrize("activation", [None, "gelu", "quick_gelu"])
 def test_triton_backend_keys_by_shape_and_both_paths_agree(monkeypatch, activation):
     """The measured key buckets rows to a power of two (packed text changes the count every batch), and
@@ -101,6 +105,7 @@ def test_triton_backend_keys_by_shape_and_both_paths_agree(monkeypatch, activati
     assert len(timer.timed) == 4 and len(ops.gemm_paths.choices) == 2
 
 
+@INTERPRETER_ONLY
 def test_auto_runs_the_kernels_under_the_interpreter(monkeypatch):
     """On CPU the Triton backend exists to run the kernels: auto measures nothing there."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -137,10 +137,11 @@ def test_bf16_within_twice_transformers_error(hf, batch, expected):
 
 @torch.no_grad()
 def test_triton_backend_through_the_interpreter(hf, batch, expected):
-    """The patched model driven through the Triton kernels (interpreter on CPU), fp32."""
+    """The patched model driven through the Triton kernels (interpreter on CPU, compiled on CUDA), fp32."""
     pytest.importorskip("triton")
-    model = altclip_fast.optimize(copy.deepcopy(hf), backend="triton")
-    assert_close(model(**batch, output_hidden_states=True), expected, tol=1e-5)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = altclip_fast.optimize(copy.deepcopy(hf).to(device), backend="triton")
+    assert_close(model(**{k: v.to(device) for k, v in batch.items()}, output_hidden_states=True), expected, tol=1e-5)
 
 
 def test_rejects_other_models_and_bad_backend(hf):

@@ -11,7 +11,8 @@ What makes it fast, all invisible in the outputs:
   attention is varlen over ``cu_seqlens``. Position ids are computed on the padded grid exactly as
   RoBERTa does, so a text's embedding does not depend on its batch.
 - ``get_text_features`` / ``get_image_features`` need only the pooled token (token 0), so the last
-  layer runs its output projection and MLP, and everything after it, for that token alone.
+  layer computes its query, attention, output projection and MLP, and everything after it, for that
+  token alone (keys and values still come from every token).
 
 Where it differs from transformers (documented, deliberate):
 

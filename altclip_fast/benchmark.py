@@ -332,9 +332,12 @@ def run(args: argparse.Namespace) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps(report, indent=1))
 
+        def image_runners(batch):
+            pixels = _pixels(config, batch, args.seed).to(device, dtype)
+            return {n: (lambda m=m: m.get_image_features(pixel_values=pixels)) for n, m in models.items()}
+
         for b in batches:
-            pixels = _pixels(config, b, args.seed).to(device, dtype)
-            runners = {n: (lambda m=m: m.get_image_features(pixel_values=pixels)) for n, m in models.items()}
+            runners = image_runners(b)
             with torch.inference_mode():
                 record({"workload": f"images b={b}", "unit": "images/s", "batch": b,
                         **_measure(runners, b, rounds, device)})
@@ -349,9 +352,7 @@ def run(args: argparse.Namespace) -> int:
                 })
         if gpu and not args.no_cuda_graphs:
             # Last: a failed capture can leave the CUDA context unusable for what would follow it.
-            pixels = _pixels(config, 1, args.seed).to(device, dtype)
-            runners = {n: (lambda m=m: m.get_image_features(pixel_values=pixels)) for n, m in models.items()}
-            graphed = _graphed_runners(runners, notes)
+            graphed = _graphed_runners(image_runners(1), notes)
             if graphed is not None:
                 with torch.inference_mode():
                     record({"workload": "images b=1, CUDA graph", "unit": "images/s", "batch": 1,
@@ -364,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
         # Which GEMM path each shape took (measured on this GPU on first use; see altclip_fast.gemm_choice).
         meta["gemm_mode"] = gemm_mode()
         meta["gemm_paths"] = get_ops("triton").gemm_paths.report()
-    if not gpu:
+    else:
         import resource
 
         # CPU allocations have no per-model counter: report the process's peak resident set instead.

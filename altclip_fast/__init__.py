@@ -1,26 +1,46 @@
 """altclip-fast: fast AltCLIP inference with fused Triton kernels, in parity with transformers.
 
-Submodules are imported on first use, so that ``altclip_fast.config`` and
-``altclip_fast.checkpoint`` (which the reference model reuses) pull in neither kernels nor Triton.
+Layers, each depending only on those below it::
+
+    apps            cli, embed, benchmark
+    optimize        the in-place patch of a transformers model
+    modeling        config, checkpoint, weights, layers, model, outputs
+    preprocessing   tokenizer, image processor, processor
+    ops             the ops interface; torch and Triton backends; layouts
+    kernels         Triton kernels (the repository's kernels/ folder)
+
+``reference`` (the repository's reference/ folder) is the plain PyTorch oracle the tests compare
+against; nothing on the library's runtime path imports it.
+
+Public names are imported on first use, so ``import altclip_fast`` pulls in neither torch nor Triton.
 """
 
 from importlib import import_module
+from pathlib import Path
+
+# In a source checkout run without installing (``PYTHONPATH=.``), kernels/ and reference/ sit beside
+# this package rather than inside it, where the wheel puts them: let them import under the same names.
+_checkout = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "kernels").is_dir() and (_checkout / "pyproject.toml").is_file() and all(
+    (_checkout / name / "__init__.py").is_file() for name in ("kernels", "reference")
+):
+    __path__.append(str(_checkout))
 
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    "AltCLIPConfig": "config",
-    "AltCLIPTextConfig": "config",
-    "AltCLIPVisionConfig": "config",
+    "AltCLIPConfig": "modeling.config",
+    "AltCLIPTextConfig": "modeling.config",
+    "AltCLIPVisionConfig": "modeling.config",
     "AltCLIPError": "errors",
     "ConfigError": "errors",
     "CheckpointError": "errors",
-    "AltCLIPModel": "model",
-    "AltCLIPTextModel": "model",
-    "AltCLIPVisionModel": "model",
+    "AltCLIPModel": "modeling.model",
+    "AltCLIPTextModel": "modeling.model",
+    "AltCLIPVisionModel": "modeling.model",
     "optimize": "optimize",
-    "AltCLIPProcessor": "processor",
+    "AltCLIPProcessor": "preprocessing.processor",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -26,7 +26,7 @@ import types
 import torch
 from torch import nn
 
-from .dispatch import PaddedLayout, get_ops, resolve_backend
+from .ops.dispatch import PaddedLayout, get_ops, resolve_backend
 
 __all__ = ["optimize"]
 

@@ -30,7 +30,7 @@ def _case_rows(dtype, do_bench):
     """Yield one result dict per benchmarked (case, implementation)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels import attention
+    from altclip_fast.kernels import attention
 
     def timed(fn):
         return do_bench(fn, warmup=25, rep=100, return_mode="median")

@@ -1,6 +1,6 @@
 """pytest-benchmark: the CPU op path of the fast model against plain torch, at BAAI/AltCLIP shapes.
 
-Each fused op the encoder layer calls through ``altclip_fast.dispatch`` (torch backend) is timed next
+Each fused op the encoder layer calls through ``altclip_fast.ops.dispatch`` (torch backend) is timed next
 to the unfused torch sequence transformers runs for the same math, one ViT-L/14 batch of 8 images
 (2056 token rows, hidden 1024, FFN 4096). It shows where the CPU gains of the end-to-end benchmark
 come from; the GPU counterparts are bench_attention.py, bench_layer_norm.py and bench_linear.py.
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from altclip_fast.dispatch import PaddedLayout, get_ops
+from altclip_fast.ops.dispatch import PaddedLayout, get_ops
 
 ROWS, HIDDEN, FFN, HEADS, IMAGES, TOKENS = 8 * 257, 1024, 4096, 16, 8, 257
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

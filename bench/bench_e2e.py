@@ -5,7 +5,7 @@
 
 import sys
 
-from altclip_fast.benchmark import main
+from altclip_fast.apps.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench
 
-    from kernels import add_layer_norm
+    from altclip_fast.kernels import add_layer_norm
 
     dtype = DTYPES[args.dtype]
     name = torch.cuda.get_device_name()

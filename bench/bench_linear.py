@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     import triton
     from triton.testing import do_bench
 
-    from kernels import linear
+    from altclip_fast.kernels import linear
 
     dtype = DTYPES[args.dtype]
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "

@@ -30,8 +30,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from altclip_fast.embed import _ImageFiles, collate_crops  # noqa: E402  (the CLI's own dataset)
-from altclip_fast.image_processing import AltCLIPImageProcessor  # noqa: E402
+from altclip_fast.apps.embed import _ImageFiles, collate_crops  # noqa: E402  (the CLI's own dataset)
+from altclip_fast.preprocessing.image_processing import AltCLIPImageProcessor  # noqa: E402
 
 
 def _photo(width: int, height: int, seed: int) -> Image.Image:

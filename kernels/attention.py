@@ -16,7 +16,7 @@ The output is a new contiguous tensor with q's shape and dtype. The kernel never
 ``BLOCK_N`` keys at a time through an online softmax with fp32 statistics and accumulator. Query rows whose
 keys are all masked return zeros (never NaN), matching ``reference.ops.attention``.
 
-The op is registered as ``torch.ops.kernels.attention`` with ``torch.library.triton_op`` so that
+The op is registered as ``torch.ops.altclip_fast.attention`` with ``torch.library.triton_op`` so that
 ``torch.compile(fullgraph=True)`` traces through it on CUDA.
 """
 
@@ -277,7 +277,7 @@ def _seq_bucket(max_seqlen: int) -> int:
 # allow_tf32 is an argument, not read in here, so the op is a pure function of its inputs.
 
 
-@torch.library.triton_op("kernels::attention", mutates_args=())
+@torch.library.triton_op("altclip_fast::attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -434,6 +434,6 @@ def attention(
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.shape[0] > 1 else 0
     else:
         max_seqlen = q.shape[1]
-    return torch.ops.kernels.attention(
+    return torch.ops.altclip_fast.attention(
         q, k, v, key_padding_mask, cu_seqlens, max_seqlen, float(scale), torch.backends.cuda.matmul.allow_tf32
     )

@@ -90,7 +90,7 @@ def launch_config(n: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
 
 
-@torch.library.triton_op("kernels::add_layer_norm", mutates_args=())
+@torch.library.triton_op("altclip_fast::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -172,5 +172,5 @@ def add_layer_norm(
     for accepted dtypes and layouts.
     """
     _check_inputs(x, weight, bias, residual, x_bias, eps)
-    y, s = torch.ops.kernels.add_layer_norm(x, weight, bias, residual, x_bias, float(eps), bool(return_sum))
+    y, s = torch.ops.altclip_fast.add_layer_norm(x, weight, bias, residual, x_bias, float(eps), bool(return_sum))
     return (y, s) if return_sum else y

@@ -195,7 +195,7 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"  # fp16/bf16 operands are exact on tensor cores; the flag only matters for fp32
 
 
-@torch.library.triton_op("kernels::linear", mutates_args=())
+@torch.library.triton_op("altclip_fast::linear", mutates_args=())
 def _linear_op(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -279,4 +279,4 @@ def linear(
     result is ``[..., N]``. See the module docstring for dtypes and layouts.
     """
     _check_inputs(x, weight, bias, activation, residual)
-    return torch.ops.kernels.linear(x, weight, bias, residual, ACTIVATIONS[activation], _input_precision(x.dtype))
+    return torch.ops.altclip_fast.linear(x, weight, bias, residual, ACTIVATIONS[activation], _input_precision(x.dtype))

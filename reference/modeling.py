@@ -2,7 +2,7 @@
 
 This is the numerical ground truth: readable, eval-only, no fusion and no kernels. Module names
 mirror transformers' parameter names so that a checkpoint loads without renaming (beyond the two
-key layouts that ``altclip_fast.checkpoint.canonicalize_keys`` folds into one).
+key layouts that ``altclip_fast.modeling.checkpoint.canonicalize_keys`` folds into one).
 
 The two towers keep transformers' two layer classes on purpose, so the reference reads line by line
 against transformers. They share the attention math (``eager_attention``) and differ only in where
@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from altclip_fast.checkpoint import load_checkpoint, load_into, resolve_dtype
-from altclip_fast.config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
-from altclip_fast.outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
+from altclip_fast.dtypes import resolve_dtype
+from altclip_fast.modeling.checkpoint import load_checkpoint, load_into
+from altclip_fast.modeling.config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
+from altclip_fast.modeling.outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
 
 from . import ops
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from altclip_fast.config import AltCLIPConfig
+from altclip_fast.modeling.config import AltCLIPConfig
 
 
 def tiny_config(

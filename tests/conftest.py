@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 def full_size_checkpoint(tmp_path_factory):
     """A BAAI/AltCLIP-size checkpoint with random weights, written by transformers' save_pretrained.
     Building it costs ~30 s on 2 cores, so every full-size test shares this one directory."""
-    from altclip_fast.config import AltCLIPConfig
+    from altclip_fast.modeling.config import AltCLIPConfig
     from tests.checkpoints import random_hf_model, save_hf
 
     return save_hf(random_hf_model(AltCLIPConfig(), seed=7), tmp_path_factory.mktemp("full_size"))

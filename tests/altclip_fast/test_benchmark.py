@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from altclip_fast import benchmark
+from altclip_fast.apps import benchmark
 
 ARGS = ["--arch", "tiny", "--rounds", "1", "--batches", "1,3", "--texts", "5", "--max-tokens", "12"]
 
@@ -42,7 +42,7 @@ def test_bench_without_transformers_says_the_comparison_is_skipped(monkeypatch, 
 
 
 def test_mixed_length_texts_are_padded_to_the_longest():
-    from altclip_fast.config import AltCLIPConfig
+    from altclip_fast.modeling.config import AltCLIPConfig
 
     ids, mask = benchmark.mixed_length_texts(AltCLIPConfig(), 64, 6, 48, seed=0)
     lengths = mask.sum(1)
@@ -82,8 +82,8 @@ def test_a_run_cut_short_keeps_the_rows_already_measured(tmp_path, monkeypatch, 
 def test_gpu_cuda_graph_replays_the_model_on_new_input_contents():
     import torch
 
-    from altclip_fast.config import AltCLIPConfig
-    from altclip_fast.model import AltCLIPModel
+    from altclip_fast.modeling.config import AltCLIPConfig
+    from altclip_fast.modeling.model import AltCLIPModel
 
     config = AltCLIPConfig(**benchmark._TINY)
     model = AltCLIPModel.from_state_dict(config, benchmark.random_state_dict(config), dtype=torch.float16,

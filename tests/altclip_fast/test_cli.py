@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from altclip_fast.processor import AltCLIPProcessor
+from altclip_fast.preprocessing.processor import AltCLIPProcessor
 from tests.altclip_fast.processor_fixtures import make_model_dir, photo_like
 
 transformers = pytest.importorskip("transformers")
@@ -30,7 +30,7 @@ CPU_FP32 = ["--device", "cpu", "--dtype", "fp32"]
 def _command() -> list[str]:
     """The installed console script when it is there (pip install -e .), else the same entry point."""
     script = shutil.which("altclip-fast")
-    return [script] if script else [sys.executable, "-m", "altclip_fast.cli"]
+    return [script] if script else [sys.executable, "-m", "altclip_fast.apps.cli"]
 
 
 def run_cli(*args, cwd: Path, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -298,8 +298,8 @@ def test_bench_is_wired_to_the_benchmark_module(work):
     import importlib.util
 
     proc = run_cli("bench", "--help", cwd=work)
-    if importlib.util.find_spec("altclip_fast.benchmark") is None:
-        assert_one_line_error(proc, "altclip_fast.benchmark")
+    if importlib.util.find_spec("altclip_fast.apps.benchmark") is None:
+        assert_one_line_error(proc, "altclip_fast.apps.benchmark")
     else:
         assert proc.returncode == 0 and "usage: altclip-fast bench" in proc.stdout
 
@@ -321,7 +321,7 @@ def test_nothing_readable_is_an_error_not_an_empty_file(work):
 
 def test_classify_embeds_labels_once(work, monkeypatch, capsys):
     """Many image batches, one text-tower call for the labels."""
-    from altclip_fast import cli
+    from altclip_fast.apps import cli
 
     calls = {"text": 0, "image": 0}
     real_load = cli.load_model
@@ -351,7 +351,7 @@ def test_classify_embeds_labels_once(work, monkeypatch, capsys):
 
 
 def test_device_and_dtype_choice():
-    from altclip_fast import cli
+    from altclip_fast.apps import cli
 
     cpu = torch.device("cpu")
     assert cli.pick_device("cpu") == cpu

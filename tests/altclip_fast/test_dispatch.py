@@ -1,4 +1,4 @@
-"""altclip_fast.dispatch: backend selection, and each torch-backend op against reference.ops (fp32,
+"""altclip_fast.ops.dispatch: backend selection, and each torch-backend op against reference.ops (fp32,
 both the oneDNN-fused path and the plain fallback). The Triton backend's ops are the kernels, tested
 in tests/kernels; here only how the model reaches them."""
 
@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from altclip_fast import dispatch, gemm_choice
-from altclip_fast.encoder import EncoderLayer
-from reference import ops as ref
+from altclip_fast.ops import dispatch
+
+from altclip_fast.ops import gemm_choice
+from altclip_fast.modeling.layers import EncoderLayer
+from altclip_fast.reference import ops as ref
 
 ATOL, RTOL = 2e-5, 2e-5
 

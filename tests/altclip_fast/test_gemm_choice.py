@@ -1,4 +1,4 @@
-"""altclip_fast.gemm_choice: the per-shape GEMM path is measured once, remembered, and never measured
+"""altclip_fast.ops.gemm_choice: the per-shape GEMM path is measured once, remembered, and never measured
 while tracing or capturing; the Triton backend keys it by shape and both candidates give one answer.
 The timings here are injected; the GPU test times real kernels."""
 
@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from altclip_fast import dispatch, gemm_choice
-from reference import ops as ref
+from altclip_fast.ops import dispatch
+
+from altclip_fast.ops import gemm_choice
+from altclip_fast.reference import ops as ref
 
 
 def rand(*shape, seed=0):

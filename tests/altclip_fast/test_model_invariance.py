@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from altclip_fast import model as fast
+from altclip_fast.modeling import model as fast
 from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, save_hf, tiny_config
 from tests.parity import rel_err
 

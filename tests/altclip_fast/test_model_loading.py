@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from altclip_fast import CheckpointError, dispatch
-from altclip_fast import model as fast
-from altclip_fast.checkpoint import canonicalize_keys
+from altclip_fast import CheckpointError
+
+from altclip_fast.ops import dispatch
+from altclip_fast.modeling import model as fast
+from altclip_fast.modeling.checkpoint import canonicalize_keys
 from tests.checkpoints import (
     make_pixels,
     make_text_batch,

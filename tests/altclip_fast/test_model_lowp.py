@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import reference
-from altclip_fast import model as fast
+import altclip_fast.reference as reference
+from altclip_fast.modeling import model as fast
 from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, save_hf, tiny_config
 from tests.parity import logits_err, rel_err
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from altclip_fast.outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
+from altclip_fast.modeling.outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
 
 
 def test_access_by_attribute_name_and_index_skips_none():

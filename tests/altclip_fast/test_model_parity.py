@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import reference
-from altclip_fast import model as fast
-from altclip_fast.config import AltCLIPConfig
+import altclip_fast.reference as reference
+from altclip_fast.modeling import model as fast
+from altclip_fast.modeling.config import AltCLIPConfig
 from tests.checkpoints import MIXED_LENGTHS, ODD_CONFIGS, make_pixels, make_text_batch, random_hf_model, save_hf
 from tests.parity import logits_err, rel_err
 

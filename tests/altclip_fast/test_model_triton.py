@@ -13,9 +13,9 @@ import collections
 import pytest
 import torch
 
-import reference
-from altclip_fast import dispatch
-from altclip_fast import model as fast
+import altclip_fast.reference as reference
+from altclip_fast.ops import dispatch
+from altclip_fast.modeling import model as fast
 from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, save_hf, tiny_config
 from tests.parity import logits_err, rel_err
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import altclip_fast
-from altclip_fast import dispatch
+from altclip_fast.ops import dispatch
 from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, tiny_config
 from tests.parity import rel_err
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from altclip_fast.config import AltCLIPConfig
+from altclip_fast.modeling.config import AltCLIPConfig
 from altclip_fast.errors import AltCLIPError
-from altclip_fast.image_processing import AltCLIPImageProcessor, ImageLoadError
-from altclip_fast.processor import AltCLIPProcessor
-from altclip_fast.tokenization import AltCLIPTokenizer
+from altclip_fast.preprocessing.image_processing import AltCLIPImageProcessor, ImageLoadError
+from altclip_fast.preprocessing.processor import AltCLIPProcessor
+from altclip_fast.preprocessing.tokenization import AltCLIPTokenizer
 from tests.altclip_fast.processor_fixtures import (
     MULTILINGUAL_TEXTS,
     mode_variants,

@@ -19,8 +19,8 @@ import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import attention
-from reference import ops
+from altclip_fast.kernels import attention
+from altclip_fast.reference import ops
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -245,7 +245,7 @@ def test_varlen_all_empty():
 
 def test_registered_op_is_what_the_function_calls():
     q, k, v = fused_qkv(1, 10, 1, 16, torch.float32)
-    direct = torch.ops.kernels.attention(q, k, v, None, None, 10, 0.25, False)
+    direct = torch.ops.altclip_fast.attention(q, k, v, None, None, 10, 0.25, False)
     torch.testing.assert_close(attention(q, k, v, scale=0.25), direct, atol=0, rtol=0)
 
 
@@ -397,7 +397,7 @@ def test_every_autotune_config_computes_the_right_answer(head_dim, monkeypatch):
     """The interpreter normally runs one 32 x 32 config. Here the op takes its CUDA branch instead, once per
     autotune config (each wrapped alone, so the autotuner has nothing to benchmark), so every block shape the
     GPU can pick is checked for ragged query and key tails: 130 = 128 + 2 = 2 x 64 + 2."""
-    module = importlib.import_module("kernels.attention")
+    module = importlib.import_module("altclip_fast.kernels.attention")
     q, k, v = fused_qkv(2, 130, 1, head_dim, torch.float32, seed=61)
     mask = lengths_mask([130, 97], 130)
     refs = {False: reference_fp32(q, k, v), True: reference_fp32(q, k, v, mask)}
@@ -408,5 +408,5 @@ def test_every_autotune_config_computes_the_right_answer(head_dim, monkeypatch):
         single = triton.autotune(configs=[config], key=["SEQ_BUCKET"])(module._attention_fwd)
         monkeypatch.setattr(module, "_tuned_kernel", lambda *_, kernel=single: kernel)
         for masked, ref in refs.items():
-            out = torch.ops.kernels.attention(q, k, v, mask if masked else None, None, 130, head_dim**-0.5, False)
+            out = torch.ops.altclip_fast.attention(q, k, v, mask if masked else None, None, 130, head_dim**-0.5, False)
             torch.testing.assert_close(out, ref, **FP32_TOL, msg=lambda m, c=config, mk=masked: f"{c} mask={mk}: {m}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention import _attention_fwd, _block_d, autotune_configs
+from altclip_fast.kernels.attention import _attention_fwd, _block_d, autotune_configs
 from tests.kernels.aot import CAPABILITIES, AotJob, compile_many, kernel_path
 
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

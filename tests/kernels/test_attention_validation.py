@@ -8,10 +8,10 @@ import importlib
 import pytest
 import torch
 
-from kernels import attention
+from altclip_fast.kernels import attention
 
 # `kernels.attention` the attribute is the function; the module is reached through importlib.
-attention_module = importlib.import_module("kernels.attention")
+attention_module = importlib.import_module("altclip_fast.kernels.attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

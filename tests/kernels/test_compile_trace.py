@@ -21,7 +21,7 @@ CHILD = r"""
 import json
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from kernels import add_layer_norm, attention, linear
+from altclip_fast.kernels import add_layer_norm, attention, linear
 
 def layer_norm_block(x, r, w, b, xb):
     y, s = add_layer_norm(x, w, b, residual=r, x_bias=xb, return_sum=True)
@@ -58,7 +58,7 @@ with FakeTensorMode():
         report[name] = {
             "graphs": len(graphs),
             "calls": [str(n.target) for g in graphs for n in g.graph.nodes
-                      if n.op == "call_function" and "kernels" in str(n.target)],
+                      if n.op == "call_function" and "altclip_fast" in str(n.target)],
             "outs": [[list(o.shape), str(o.dtype)] for o in outs],
         }
 print(json.dumps(report))
@@ -73,12 +73,12 @@ def test_fullgraph_trace_on_fake_cuda_tensors():
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["layer_norm"] == {
-        "graphs": 1, "calls": ["kernels.add_layer_norm"],
+        "graphs": 1, "calls": ["altclip_fast.add_layer_norm"],
         "outs": [[[2, 7, 1000], "torch.float16"], [[2, 7, 1000], "torch.float16"]],
     }
     assert report["linear"] == {
-        "graphs": 1, "calls": ["kernels.linear", "kernels.linear"], "outs": [[[2, 257, 64], "torch.bfloat16"]],
+        "graphs": 1, "calls": ["altclip_fast.linear", "altclip_fast.linear"], "outs": [[[2, 257, 64], "torch.bfloat16"]],
     }
     assert report["attention"] == {
-        "graphs": 1, "calls": ["kernels.attention"], "outs": [[[100, 4, 64], "torch.bfloat16"]],
+        "graphs": 1, "calls": ["altclip_fast.attention"], "outs": [[[100, 4, 64], "torch.bfloat16"]],
     }

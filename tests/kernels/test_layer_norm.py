@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import add_layer_norm
-from reference import ops
+from altclip_fast.kernels import add_layer_norm
+from altclip_fast.reference import ops
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

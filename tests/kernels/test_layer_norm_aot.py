@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-import kernels  # noqa: F401  (imports the kernel modules the way the launcher sees them)
-from kernels.layer_norm import MAX_HIDDEN, _add_layer_norm_fwd, launch_config
+import altclip_fast.kernels as kernels  # noqa: F401  (imports the kernel modules the way the launcher sees them)
+from altclip_fast.kernels.layer_norm import MAX_HIDDEN, _add_layer_norm_fwd, launch_config
 from tests.kernels.aot import CAPABILITIES, AotJob, check_compiled, compile_many, kernel_path
 
 # Distinct configs over every supported hidden size, smallest first.

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import linear
-from reference import ops
+from altclip_fast.kernels import linear
+from altclip_fast.reference import ops
 
-linear_module = sys.modules["kernels.linear"]  # `kernels.linear` the attribute is the function
+linear_module = sys.modules["altclip_fast.kernels.linear"]  # `kernels.linear` the attribute is the function
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

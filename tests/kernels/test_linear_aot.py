@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 
-import kernels  # noqa: F401
+import altclip_fast.kernels as kernels  # noqa: F401
 from tests.kernels.aot import CAPABILITIES, AotJob, check_compiled, compile_many, kernel_path
 
-linear_module = sys.modules["kernels.linear"]
+linear_module = sys.modules["altclip_fast.kernels.linear"]
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _POINTERS = ("X", "W", "BIAS", "RESIDUAL", "Y")
 _INTS = ("M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym", "M_BUCKET")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import reference
+import altclip_fast.reference as reference
 from altclip_fast import CheckpointError
-from altclip_fast.checkpoint import canonicalize_keys, load_checkpoint, read_state_dict
+from altclip_fast.modeling.checkpoint import canonicalize_keys, load_checkpoint, read_state_dict
 from tests.checkpoints import (
     make_pixels,
     make_text_batch,
@@ -188,7 +188,7 @@ def test_hub_id_offline_and_not_cached(tmp_path):
     pytest.importorskip("huggingface_hub")
     result = _python(
         """
-        import reference
+        import altclip_fast.reference as reference
         from altclip_fast import CheckpointError
         try:
             reference.AltCLIPModel.from_pretrained("BAAI/AltCLIP")
@@ -213,7 +213,7 @@ def test_hub_cache_is_used_offline(saved, tmp_path):
         (snapshot / name).write_bytes((saved[0] / name).read_bytes())
     result = _python(
         """
-        import reference
+        import altclip_fast.reference as reference
         m = reference.AltCLIPModel.from_pretrained("someone/tiny-altclip")
         print("LOGIT_SCALE", float(m.logit_scale))
         """,

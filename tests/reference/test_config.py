@@ -7,7 +7,7 @@ import json
 import pytest
 
 from altclip_fast import AltCLIPConfig, ConfigError
-from altclip_fast.config import AltCLIPTextConfig, AltCLIPVisionConfig
+from altclip_fast.modeling.config import AltCLIPTextConfig, AltCLIPVisionConfig
 
 
 def test_defaults_are_baai_altclip():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import ops
+from altclip_fast.reference import ops
 
 
 def randn(*shape, dtype=torch.float32, seed=0):

@@ -12,8 +12,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import reference  # noqa: E402
-from altclip_fast.config import AltCLIPConfig  # noqa: E402
+import altclip_fast.reference as reference  # noqa: E402
+from altclip_fast.modeling.config import AltCLIPConfig  # noqa: E402
 from tests.checkpoints import (  # noqa: E402
     MIXED_LENGTHS,
     ODD_CONFIGS,

@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-import reference.modeling  # noqa: E402
+import altclip_fast.reference.modeling  # noqa: E402
+from altclip_fast import reference  # noqa: E402
 from tests.checkpoints import random_hf_model, save_hf, tiny_config  # noqa: E402
 from tests.reference.test_parity import TOL, assert_model_matches, inputs  # noqa: E402
 
@@ -66,7 +67,7 @@ def load_variant(name: str | None) -> types.ModuleType:
         assert old in source, f"mutation site for {name!r} not found in reference/modeling.py"
         source = source.replace(old, new)  # every occurrence: both post-LN sublayers of a text layer, say
     module = types.ModuleType(f"reference._mutant_{abs(hash(name))}")
-    module.__package__ = "reference"  # so `from . import ops` resolves
+    module.__package__ = "altclip_fast.reference"  # so `from . import ops` resolves
     exec(compile(source, f"<reference/modeling.py: {name}>", "exec"), module.__dict__)
     return module
 

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_state_dict, load_checkpoint, load_into, resolve_dtype
+from ..dtypes import resolve_dtype
+from .checkpoint import check_state_dict, load_checkpoint, load_into
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
-from .dispatch import PackedLayout, PaddedLayout, get_ops, resolve_backend
-from .encoder import EncoderLayer
+from ..ops.dispatch import PackedLayout, PaddedLayout, get_ops, resolve_backend
+from .layers import EncoderLayer
 from .outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
 
 __all__ = ["AltCLIPModel", "AltCLIPTextModel", "AltCLIPVisionModel", "checkpoint_shapes"]

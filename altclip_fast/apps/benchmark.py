@@ -17,7 +17,7 @@ reports median throughput over rounds, the ratio of medians and the min-max of t
 workload finishes, so a run cut short keeps what it measured.
 Accuracy: both models' embeddings on a few inputs against the fp32 reference (``reference``).
 
-Run as ``altclip-fast bench`` or ``python -m altclip_fast.benchmark``.
+Run as ``altclip-fast bench`` or ``python -m altclip_fast.apps.benchmark``.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import resolve_dtype
-from .config import AltCLIPConfig
-from .model import AltCLIPModel, checkpoint_shapes
+from ..dtypes import resolve_dtype
+from ..modeling.config import AltCLIPConfig
+from ..modeling.model import AltCLIPModel, checkpoint_shapes
 
 __all__ = ["add_arguments", "run", "main", "random_state_dict", "mixed_length_texts"]
 
@@ -226,7 +226,7 @@ def _cuda_graphed(fn):
 def _accuracy(config, state_or_path, dtype, device, models: dict, texts, pixels) -> dict:
     """Max |cosine-space error| of each model's embeddings against the fp32 reference."""
     import reference
-    from .checkpoint import load_into
+    from ..modeling.checkpoint import load_into
 
     if isinstance(state_or_path, dict):
         with torch.device("meta"):
@@ -359,8 +359,8 @@ def run(args: argparse.Namespace) -> int:
                             **_measure(graphed, 1, rounds, device)})
 
     if gpu:
-        from .dispatch import get_ops
-        from .gemm_choice import gemm_mode
+        from ..ops.dispatch import get_ops
+        from ..ops.gemm_choice import gemm_mode
 
         # Which GEMM path each shape took (measured on this GPU on first use; see altclip_fast.gemm_choice).
         meta["gemm_mode"] = gemm_mode()
@@ -442,7 +442,7 @@ class _Table:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m altclip_fast.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m altclip_fast.apps.benchmark", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import AltCLIPError
+from ..errors import AltCLIPError
 
 DEFAULT_MODEL = "BAAI/AltCLIP"
 
@@ -77,8 +77,8 @@ def pick_dtype(name: str, device):
 
 def resolve_model(model: str) -> Path:
     """The model directory (hub ids are fetched); checked to hold weights before anything is loaded."""
-    from .checkpoint import WEIGHTS_FILES, find_weights, resolve_model_dir
-    from .errors import CheckpointError
+    from ..model_files import WEIGHTS_FILES, find_weights, resolve_model_dir
+    from ..errors import CheckpointError
 
     try:
         directory = resolve_model_dir(model)
@@ -96,12 +96,12 @@ def load_model(model_dir: Path, device, dtype):
     try:
         from altclip_fast import AltCLIPModel
     except (ImportError, AttributeError):
-        from reference import AltCLIPModel
+        from ..reference import AltCLIPModel
     return AltCLIPModel.from_pretrained(model_dir, dtype=dtype, device=device).eval()
 
 
 def load_processor(model_dir: Path, *, exif_transpose: bool = True, fast_decode: bool = False):
-    from .processor import AltCLIPProcessor
+    from ..preprocessing.processor import AltCLIPProcessor
 
     return AltCLIPProcessor.from_pretrained(model_dir, exif_transpose=exif_transpose, fast_decode=fast_decode)
 
@@ -129,7 +129,7 @@ class Session:
         import torch
 
         name = str(self.dtype).removeprefix("torch.")
-        kind = "reference" if type(self.model).__module__.startswith("reference") else "fast"
+        kind = "reference" if type(self.model).__module__.startswith("altclip_fast.reference") else "fast"
         return f"{self.args.model} ({kind} model) on {self.device} in {name}" + (
             f" with {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
         )

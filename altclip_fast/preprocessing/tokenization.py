@@ -10,7 +10,6 @@ embed (``max_position_embeddings - pad_token_id - 1``: 512 for BAAI/AltCLIP).
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, processors
 
-from .errors import AltCLIPError
+from ..errors import AltCLIPError
+from ..model_files import read_json
 
 __all__ = ["AltCLIPTokenizer"]
 
@@ -31,16 +31,6 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AltCLIPError(f"{path} is not valid JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}
 
 
 class AltCLIPTokenizer:
@@ -82,7 +72,7 @@ class AltCLIPTokenizer:
     def from_pretrained(cls, path_or_id: str | os.PathLike) -> "AltCLIPTokenizer":
         """Read ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json`` and, for the
         position limit, ``config.json`` from a model directory or hub id."""
-        from .checkpoint import resolve_model_dir
+        from ..model_files import resolve_model_dir
 
         directory = Path(resolve_model_dir(path_or_id))
         tokenizer_file = directory / "tokenizer.json"
@@ -92,9 +82,9 @@ class AltCLIPTokenizer:
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # the Rust side raises a bare Exception for every parse error
             raise AltCLIPError(f"{tokenizer_file} could not be read ({str(exc).strip()[:200]})") from None
-        settings = _read_json(directory / "tokenizer_config.json")
+        settings = read_json(directory / "tokenizer_config.json", missing={})
         # special_tokens_map.json is the older place for the same names; tokenizer_config wins.
-        specials = {**_read_json(directory / "special_tokens_map.json"), **settings}
+        specials = {**read_json(directory / "special_tokens_map.json", missing={}), **settings}
         return cls(
             tokenizer,
             bos_token=_token_text(specials.get("bos_token")) or "<s>",
@@ -184,6 +174,6 @@ def _position_limit(directory: Path) -> int | None:
     """``max_position_embeddings - pad_token_id - 1`` from config.json, or None without one."""
     if not (directory / "config.json").is_file():
         return None
-    from .config import AltCLIPConfig
+    from ..modeling.config import AltCLIPConfig
 
     return AltCLIPConfig.from_pretrained(directory).text_config.max_text_length

@@ -36,7 +36,6 @@ rescaled once; transformers with default arguments would rescale it twice (it ex
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -46,7 +45,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import AltCLIPError
+from ..errors import AltCLIPError
 
 __all__ = ["AltCLIPImageProcessor", "ImageLoadError", "CLIP_MEAN", "CLIP_STD"]
 
@@ -133,16 +132,12 @@ class AltCLIPImageProcessor:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **overrides) -> "AltCLIPImageProcessor":
         """Read ``preprocessor_config.json`` from a model directory or hub id."""
-        from .checkpoint import resolve_model_dir
+        from ..model_files import read_json, resolve_model_dir
 
         path = Path(resolve_model_dir(path_or_id)) / "preprocessor_config.json"
         if not path.is_file():
             raise AltCLIPError(f"{path.parent} has no preprocessor_config.json (needed to preprocess images)")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AltCLIPError(f"{path} is not valid JSON ({exc})") from None
-        return cls.from_dict(config, **overrides)
+        return cls.from_dict(read_json(path), **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return {

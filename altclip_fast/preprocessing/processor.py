@@ -52,7 +52,7 @@ class AltCLIPProcessor:
     ) -> "AltCLIPProcessor":
         """Read the tokenizer and preprocessor files of a model directory or hub id. ``exif_transpose``
         and ``fast_decode`` are ``AltCLIPImageProcessor`` options (see its module doc)."""
-        from .checkpoint import resolve_model_dir
+        from ..model_files import resolve_model_dir
 
         directory = Path(resolve_model_dir(path_or_id))
         return cls(

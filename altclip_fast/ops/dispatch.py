@@ -367,10 +367,10 @@ class TorchOps:
 def _import_kernels():
     """Import ``kernels`` on first use. On a machine without CUDA the kernels can only run under
     Triton's interpreter, whose switch is read when the kernels are defined: set it first."""
-    if "kernels" not in sys.modules and not torch.cuda.is_available():
+    if "altclip_fast.kernels" not in sys.modules and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
-        import kernels
+        from .. import kernels
     except ImportError as exc:
         raise ImportError(
             f"the triton backend needs the 'kernels' package and Triton ({exc}); "

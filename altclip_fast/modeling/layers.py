@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dispatch import QUICK_GELU_ALPHA, PaddedLayout, explicit_attention
+from ..ops.dispatch import QUICK_GELU_ALPHA, PaddedLayout, explicit_attention
 
 __all__ = ["EncoderLayer"]
 

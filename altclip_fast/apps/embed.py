@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import UsageError
-from .errors import AltCLIPError
+from ..errors import AltCLIPError
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",

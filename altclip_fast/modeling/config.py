@@ -12,13 +12,13 @@ file any other way would give a different model than transformers builds from th
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..model_files import read_json, resolve_model_dir
 
 __all__ = ["AltCLIPTextConfig", "AltCLIPVisionConfig", "AltCLIPConfig", "ACTIVATIONS"]
 
@@ -239,13 +239,11 @@ class AltCLIPConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "AltCLIPConfig":
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(read_config_json(path))
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike) -> "AltCLIPConfig":
         """Read ``config.json`` from a local directory or a Hugging Face Hub id."""
-        from .checkpoint import resolve_model_dir
-
         return cls.from_json_file(Path(resolve_model_dir(path_or_id)) / "config.json")
 
     def to_dict(self) -> dict[str, Any]:
@@ -258,12 +256,9 @@ class AltCLIPConfig:
         }
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a JSON file, turning a missing or malformed file into a ConfigError naming it."""
-    path = Path(path)
-    if not path.is_file():
+def read_config_json(path: str | os.PathLike) -> Any:
+    """The contents of a ``config.json``; a missing or malformed file is a ConfigError naming it."""
+    data = read_json(path, error=ConfigError, missing=None, what="a JSON object")
+    if data is None:
         raise ConfigError(f"{path} not found: a model directory needs a config.json")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    return data

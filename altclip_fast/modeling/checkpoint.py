@@ -1,6 +1,5 @@
 """Finding, reading and checking AltCLIP checkpoints. Shared by the reference and the fast model.
 
-- ``resolve_model_dir``: a local directory, or a Hugging Face Hub id through huggingface_hub.
 - ``read_state_dict``: ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
   ``pytorch_model.bin`` (optionally sharded), read with ``weights_only=True``.
 - ``canonicalize_keys``: one key layout whatever wrote the file (see below), stale buffers dropped.
@@ -13,7 +12,6 @@ for both towers. The canonical layout is transformers 4.38's, which the referenc
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -22,91 +20,18 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig, read_json
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..model_files import WEIGHTS_FILES, find_weights, read_json, resolve_model_dir
+from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig, read_config_json
 
 __all__ = [
-    "WEIGHTS_FILES",
-    "resolve_model_dir",
-    "find_weights",
     "read_state_dict",
     "canonicalize_keys",
     "check_state_dict",
     "load_into",
-    "resolve_dtype",
     "Checkpoint",
     "load_checkpoint",
 ]
-
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PYTORCH_BIN = "pytorch_model.bin"
-PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
-# In order of preference: safetensors cannot run code and loads without a copy.
-WEIGHTS_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)
-
-# What a model directory may hold besides weights: configs, tokenizer and processor files.
-_HUB_SMALL_FILES = ["*.json", "*.model", "*.txt"]
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
-    """Return a local directory holding the checkpoint ``path_or_id``.
-
-    An existing directory is used as it is. Anything else that looks like a hub id (``org/name``)
-    is fetched with huggingface_hub, which honours its cache and ``HF_HUB_OFFLINE``. Only
-    safetensors weights are fetched when the repository has them; ``pytorch_model.bin`` otherwise.
-    """
-    text = os.fspath(path_or_id)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{text} is a file; expected a model directory (with config.json and weights)")
-    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "") or text.count("/") > 1
-    if looks_like_path or not _HUB_ID.match(text):
-        raise CheckpointError(f"{text}: no such directory")
-    return _download_from_hub(text)
-
-
-def _download_from_hub(repo_id: str) -> Path:
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise CheckpointError(
-            f"{repo_id!r} is not a local directory, and fetching it from the Hugging Face Hub needs "
-            "huggingface_hub: pip install 'altclip-fast[hub]' (or pass a local directory)"
-        ) from None
-    try:
-        local = Path(
-            huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_SMALL_FILES + ["*.safetensors"])
-        )
-        if find_weights(local) is None:
-            local = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["pytorch_model*.bin"]))
-    except Exception as exc:  # huggingface_hub raises many types: network, auth, offline cache miss
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        hint = (
-            "HF_HUB_OFFLINE is set and the hub cache has no copy of it"
-            if offline
-            else "without network access, set HF_HUB_OFFLINE=1 to use a copy already in the hub cache"
-        )
-        raise CheckpointError(
-            f"could not get {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: {reason}). "
-            f"Pass a local directory that holds config.json and the weights instead; {hint}"
-        ) from None
-    return local
-
-
-def find_weights(model_dir: str | os.PathLike) -> Path | None:
-    """The weights file (or index) ``read_state_dict`` would read, or None."""
-    for name in WEIGHTS_FILES:
-        candidate = Path(model_dir) / name
-        if candidate.is_file():
-            return candidate
-    return None
-
 
 def read_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read every tensor of the checkpoint in ``model_dir`` onto the CPU, keys as stored."""
@@ -136,10 +61,10 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{index_path} is not a valid shard index ({type(exc).__name__}: {exc})") from None
+    index = read_json(index_path, error=CheckpointError)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path} is not a valid shard index (no 'weight_map' object)")
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard
@@ -223,27 +148,6 @@ def load_into(
     module.load_state_dict(tensors, strict=True, assign=True)
 
 
-_DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    """``None`` means float32 (transformers 4's default); names like ``"bf16"`` are accepted."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        key = dtype.removeprefix("torch.").lower()
-        if key not in _DTYPE_NAMES:
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-        return _DTYPE_NAMES[key]
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-    return dtype
-
-
 class Checkpoint(NamedTuple):
     """What a model class needs to build itself: its config and its canonical weights."""
 
@@ -269,7 +173,7 @@ def load_checkpoint(path_or_id: str | os.PathLike, part: str = "model") -> Check
         raise ValueError(f"part must be one of {sorted(_PARTS)}, got {part!r}")
     config_cls, section, prefix = _PARTS[part]
     model_dir = resolve_model_dir(path_or_id)
-    raw = read_json(model_dir / "config.json")
+    raw = read_config_json(model_dir / "config.json")
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     weights = find_weights(model_dir)
     state = read_state_dict(model_dir)

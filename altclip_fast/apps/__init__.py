@@ -1,0 +1,1 @@
+"""What users run: the command line (``classify``, ``embed``, ``bench``), the embedding job and the benchmark."""

@@ -1,0 +1,1 @@
+"""Turning text and images into model inputs: tokenizer, image processor, processor."""

@@ -24,8 +24,8 @@ Where this deliberately differs from transformers (each is tested and in the REA
   comes out almost white.
 - ``fast_decode=True`` (off by default) decodes JPEG files at a reduced scale (libjpeg's DCT
   scaling, never below twice the resize target) before the bicubic resize. Camera-sized photos
-  then preprocess several times faster, but pixels are no longer transformers' exactly (a few
-  levels of 255 here and there); it is the one option that trades parity for speed.
+  then preprocess faster (bench/RESULTS.md has the figures), but pixels differ from transformers'
+  (a few levels of 255 here and there): it is the one option that trades parity for speed.
 
 Arrays (numpy or torch) follow transformers' conventions: ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]``
 with 1, 3 or 4 channels (channels-first wins when both ends could be channels); uint8 or

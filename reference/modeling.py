@@ -27,6 +27,7 @@ from . import ops
 __all__ = ["AltCLIPModel", "AltCLIPTextModel", "AltCLIPVisionModel", "roberta_position_ids", "clip_loss"]
 
 
+# The oracle's own copy (altclip_fast.modeling.model has another): a shared bug would hide from parity tests.
 def roberta_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
     """RoBERTa positions: real tokens count from ``padding_idx + 1``; pads keep ``padding_idx``."""
     real = input_ids.ne(padding_idx).long()
@@ -41,6 +42,7 @@ def additive_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> to
     return (1.0 - keep) * torch.finfo(dtype).min
 
 
+# The oracle's own copy (the fast model's is in altclip_fast.ops): a shared bug would hide from parity tests.
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -375,6 +377,7 @@ class AltCLIPVisionModel(_FromPretrained, nn.Module):
 # --------------------------------------------------------------------------- the dual encoder
 
 
+# The oracle's own copy (altclip_fast.modeling.model has another): a shared bug would hide from parity tests.
 def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     """Symmetric contrastive loss: text i matches image i."""
     targets = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)

@@ -30,7 +30,11 @@ Where it differs from transformers (documented, deliberate):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,112 +44,32 @@ from .checkpoint import check_state_dict, load_checkpoint, load_into
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
 from ..ops.dispatch import PackedLayout, PaddedLayout, get_ops, resolve_backend
 from .layers import EncoderLayer
+from .weights import (
+    checkpoint_shapes_for, fuse_state_dict, model_key_map, prefixed, split_state_dict, text_key_map, vision_key_map,
+)
 from .outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
 
-__all__ = ["AltCLIPModel", "AltCLIPTextModel", "AltCLIPVisionModel", "checkpoint_shapes"]
+__all__ = [
+    "AltCLIPModel", "AltCLIPTextModel", "AltCLIPVisionModel", "checkpoint_shapes", "clip_loss", "roberta_position_ids",
+]
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoint key mapping: fast parameter -> the checkpoint keys (canonical layout, relative to the
-# tower) it is built from. Several keys are concatenated along dim 0 (the fused QKV).
-
-
-def _linear(fast: str, canonical: str, bias: bool = True) -> dict[str, tuple[str, ...]]:
-    out = {f"{fast}.weight": (f"{canonical}.weight",)}
-    if bias:
-        out[f"{fast}.bias"] = (f"{canonical}.bias",)
-    return out
-
-
-def _fused_qkv(fast: str, q: str, k: str, v: str) -> dict[str, tuple[str, ...]]:
-    return {f"{fast}.{p}": (f"{q}.{p}", f"{k}.{p}", f"{v}.{p}") for p in ("weight", "bias")}
-
-
-def _text_mapping(config: AltCLIPTextConfig) -> dict[str, tuple[str, ...]]:
-    emb = "roberta.embeddings"
-    m = {
-        "word_embeddings.weight": (f"{emb}.word_embeddings.weight",),
-        "position_embeddings.weight": (f"{emb}.position_embeddings.weight",),
-        "token_type_embeddings.weight": (f"{emb}.token_type_embeddings.weight",),
-        **_linear("embeddings_norm", f"{emb}.LayerNorm"),
-    }
-    for i in range(config.num_hidden_layers):
-        src, dst = f"roberta.encoder.layer.{i}", f"layers.{i}"
-        att = f"{src}.attention"
-        m.update(_fused_qkv(f"{dst}.qkv", f"{att}.self.query", f"{att}.self.key", f"{att}.self.value"))
-        m.update(_linear(f"{dst}.out", f"{att}.output.dense"))
-        m.update(_linear(f"{dst}.norm1", f"{att}.output.LayerNorm"))
-        m.update(_linear(f"{dst}.fc1", f"{src}.intermediate.dense"))
-        m.update(_linear(f"{dst}.fc2", f"{src}.output.dense"))
-        m.update(_linear(f"{dst}.norm2", f"{src}.output.LayerNorm"))
-    m.update(_linear("final_norm", "pre_LN"))
-    m.update(_linear("transformation", "transformation"))
-    return m
-
-
-def _vision_mapping(config: AltCLIPVisionConfig) -> dict[str, tuple[str, ...]]:
-    m = {
-        "class_embedding": ("embeddings.class_embedding",),
-        "patch_embedding": ("embeddings.patch_embedding.weight",),
-        "position_embedding": ("embeddings.position_embedding.weight",),
-        **_linear("pre_norm", "pre_layrnorm"),
-    }
-    for i in range(config.num_hidden_layers):
-        src, dst = f"encoder.layers.{i}", f"layers.{i}"
-        att = f"{src}.self_attn"
-        m.update(_fused_qkv(f"{dst}.qkv", f"{att}.q_proj", f"{att}.k_proj", f"{att}.v_proj"))
-        m.update(_linear(f"{dst}.out", f"{att}.out_proj"))
-        m.update(_linear(f"{dst}.norm1", f"{src}.layer_norm1"))
-        m.update(_linear(f"{dst}.fc1", f"{src}.mlp.fc1"))
-        m.update(_linear(f"{dst}.fc2", f"{src}.mlp.fc2"))
-        m.update(_linear(f"{dst}.norm2", f"{src}.layer_norm2"))
-    m.update(_linear("post_norm", "post_layernorm"))
-    return m
-
-
-def _prefixed(mapping: Mapping[str, tuple[str, ...]], fast: str, canonical: str) -> dict[str, tuple[str, ...]]:
-    return {fast + k: tuple(canonical + s for s in v) for k, v in mapping.items()}
-
-
-def _model_mapping(config: AltCLIPConfig) -> dict[str, tuple[str, ...]]:
-    return {
-        **_prefixed(_text_mapping(config.text_config), "text_model.", "text_model."),
-        **_prefixed(_vision_mapping(config.vision_config), "vision_model.", "vision_model."),
-        "text_projection.weight": ("text_projection.weight",),
-        "visual_projection.weight": ("visual_projection.weight",),
-        "logit_scale": ("logit_scale",),
-    }
-
-
-def _expected_shapes(module: nn.Module, mapping: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> shape, from the fast module's parameter shapes (fused ones split evenly)."""
-    params = dict(module.named_parameters())
-    if set(params) != set(mapping):
-        # A programming error, not a checkpoint problem: every parameter must have a source.
-        raise AssertionError(f"mapping and module disagree: {sorted(set(params) ^ set(mapping))}")
-    shapes = {}
-    for name, sources in mapping.items():
-        shape = tuple(params[name].shape)
-        part = (shape[0] // len(sources), *shape[1:]) if len(sources) > 1 else shape
-        shapes.update({s: part for s in sources})
-    return shapes
+def _param_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in module.named_parameters()}
 
 
 def checkpoint_shapes(config: AltCLIPConfig) -> dict[str, tuple[int, ...]]:
     """Every key (canonical layout) of a checkpoint for ``config``, with its shape."""
     with torch.device("meta"):
         model = AltCLIPModel(config)
-    return _expected_shapes(model, _model_mapping(config))
+    return checkpoint_shapes_for(model_key_map(config), _param_shapes(model))
 
 
 def _load_fused(module: nn.Module, mapping, state_dict, *, dtype, device, source: str) -> None:
     """Check ``state_dict`` (canonical keys) against what ``module`` needs, build the fused tensors, and
     assign them. Every checkpoint key is consumed and every parameter filled, or CheckpointError."""
-    check_state_dict(_expected_shapes(module, mapping), state_dict, source)
-    fast = {}
-    for name, sources in mapping.items():
-        parts = [state_dict[s] for s in sources]
-        fast[name] = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    check_state_dict(checkpoint_shapes_for(mapping, _param_shapes(module)), state_dict, source)
+    fast = fuse_state_dict(mapping, state_dict)
     _fold_for_device(module, fast, dtype=dtype, device=device)
     load_into(module, fast, dtype=dtype, device=device, source=source)
 
@@ -172,13 +96,54 @@ def _dtype_arg(dtype, torch_dtype):
     return dtype if dtype is not None else torch_dtype
 
 
-def _load_pretrained(cls, part: str, mapping_fn, path_or_id, *, dtype, device, backend, strip: str = ""):
+def _load_pretrained(cls, part: str, key_map_fn, path_or_id, *, dtype, device, backend, strip: str = ""):
     ckpt = load_checkpoint(path_or_id, part)
     state = {(k[len(strip):] if strip and k.startswith(strip) else k): v for k, v in ckpt.state_dict.items()}
     with torch.device("meta"):
         model = cls(ckpt.config, backend=backend)
-    _load_fused(model, mapping_fn(ckpt.config), state, dtype=resolve_dtype(dtype), device=device, source=ckpt.source)
+    _load_fused(model, key_map_fn(ckpt.config), state, dtype=resolve_dtype(dtype), device=device, source=ckpt.source)
     return model.eval()
+
+
+def _checkpoint_values(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's parameters as the checkpoint holds them: an MLP stored with quick_gelu folded into
+    its weights (see ``EncoderLayer``) is unfolded, in fp32, back to the model's dtype."""
+    state = {name: p.detach() for name, p in module.named_parameters()}
+    for prefix, layer in module.named_modules():
+        if isinstance(layer, EncoderLayer) and getattr(layer, "quick_gelu_folded", False):
+            for name, factor in layer.quick_gelu_fold_factors(False):
+                key = f"{prefix}.{name}"
+                state[key] = (state[key].float() * factor).to(state[key].dtype)
+    return state
+
+
+def _save_pretrained(module: nn.Module, key_map, config: dict, architecture: str, save_directory) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (keys from ``key_map``, the model's dtype) so that
+    transformers' ``from_pretrained`` and ours both read the directory."""
+    from safetensors.torch import save_file
+
+    path = Path(save_directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"save_pretrained: {path} exists and is not a directory")
+    state = split_state_dict(key_map, _checkpoint_values(module))
+    tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
+    config = {**config, "architectures": [architecture], "dtype": str(module.dtype).removeprefix("torch.")}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def roberta_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """RoBERTa (fairseq ``make_positions``) position ids: real tokens count from ``padding_idx + 1`` in
+    row order, pads keep ``padding_idx``. Defined on the padded grid, so packing cannot change them."""
+    real = input_ids.ne(padding_idx).long()
+    return torch.cumsum(real, dim=1) * real + padding_idx
+
+
+def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss: text i matches image i, averaged over both directions."""
+    targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
+    return (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_text.t(), targets)) / 2
 
 
 class _Tower(nn.Module):
@@ -242,7 +207,13 @@ class AltCLIPTextModel(_Tower):
     def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None):
         """Load the text tower of an AltCLIP checkpoint directory (or hub id), or a text-tower-only one."""
         dtype = _dtype_arg(dtype, torch_dtype)
-        return _load_pretrained(cls, "text", _text_mapping, path_or_id, dtype=dtype, device=device, backend=backend)
+        return _load_pretrained(cls, "text", text_key_map, path_or_id, dtype=dtype, device=device, backend=backend)
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write a standalone text-tower checkpoint that transformers 5's ``AltCLIPTextModel`` and
+        :meth:`from_pretrained` both load."""
+        key_map = text_key_map(self.config, layer="layers")
+        _save_pretrained(self, key_map, self.config.to_dict(), "AltCLIPTextModel", save_directory)
 
     @torch.no_grad()
     def forward(
@@ -262,15 +233,61 @@ class AltCLIPTextModel(_Tower):
         )
         return out if return_dict else out.to_tuple()
 
+    def _check_inputs(self, input_ids, attention_mask, inputs_embeds, *, pooled_only, output_attentions,
+                      output_hidden_states):
+        """Validate the inputs and move them to the model: ``(input_ids, inputs_embeds, keep)``, ``keep``
+        the attention mask as bools (or None)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("specify exactly one of input_ids and inputs_embeds")
+        if pooled_only and (output_attentions or output_hidden_states):
+            raise ValueError("pooled_only computes no per-layer outputs")
+        device = self.device
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.is_floating_point():
+                raise ValueError(f"input_ids must be an integer [batch, seq] tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
+            input_ids = input_ids.to(device)
+            batch, seqlen = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3:
+                raise ValueError(f"inputs_embeds must be [batch, seq, hidden], got {tuple(inputs_embeds.shape)}")
+            inputs_embeds = inputs_embeds.to(device=device, dtype=self.dtype)
+            batch, seqlen = inputs_embeds.shape[:2]
+        if seqlen > self.config.max_text_length:
+            raise ValueError(
+                f"sequence length {seqlen} exceeds the model's maximum of {self.config.max_text_length} tokens "
+                f"(max_position_embeddings {self.config.max_position_embeddings}, positions start at pad_token_id + 1)"
+            )
+        keep = attention_mask.to(device).bool() if attention_mask is not None else None
+        if keep is not None and keep.shape != (batch, seqlen):
+            raise ValueError(f"attention_mask must be {(batch, seqlen)}, got {tuple(keep.shape)}")
+        return input_ids, inputs_embeds, keep
+
     def _position_ids(self, input_ids, position_ids, batch, seqlen, device):
         pad = self.config.pad_token_id
         if position_ids is not None:
             return position_ids.to(device).expand(batch, seqlen)
         if input_ids is not None:
-            # RoBERTa: real tokens count from pad + 1, pads keep pad (fairseq's make_positions).
-            real = input_ids.ne(pad).long()
-            return torch.cumsum(real, dim=1) * real + pad
+            return roberta_position_ids(input_ids, pad)
         return torch.arange(pad + 1, seqlen + pad + 1, device=device).expand(batch, seqlen)
+
+    def _embed(self, grid: "_TextGrid", ops, input_ids, inputs_embeds, token_type_ids, pos):
+        """Word (or given), token type and position embeddings and their LayerNorm, for the computed rows."""
+        if inputs_embeds is not None:
+            x = grid.select(inputs_embeds)
+        else:
+            x = F.embedding(grid.select(input_ids), self.word_embeddings.weight)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]  # the all-zeros default, without a gather
+        else:
+            types = token_type_ids.to(x.device).expand(grid.batch, grid.seqlen)
+            x = x + F.embedding(grid.select(types), self.token_type_embeddings.weight)
+        x = x + F.embedding(grid.select(pos), self.position_embeddings.weight)
+        return ops.layer_norm(x, self.embeddings_norm.weight, self.embeddings_norm.bias, self.config.layer_norm_eps)
+
+    def _head(self, x, ops):
+        """``pre_LN`` then ``transformation``, on every row given."""
+        x = ops.layer_norm(x, self.final_norm.weight, self.final_norm.bias, self.config.layer_norm_eps)
+        return ops.linear(x, self.transformation.weight, self.transformation.bias)
 
     def encode(
         self,
@@ -286,80 +303,69 @@ class AltCLIPTextModel(_Tower):
     ):
         """The tower's forward. With ``pooled_only`` it returns just the pooled ``[batch, project_dim]``
         tensor, computing the last layer and the projection for token 0 alone."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("specify exactly one of input_ids and inputs_embeds")
-        if pooled_only and (output_attentions or output_hidden_states):
-            raise ValueError("pooled_only computes no per-layer outputs")
-        device, dtype, ops = self.device, self.dtype, self._ops()
-        if input_ids is not None:
-            if input_ids.dim() != 2 or input_ids.is_floating_point():
-                raise ValueError(f"input_ids must be an integer [batch, seq] tensor, got {input_ids.dtype} {tuple(input_ids.shape)}")
-            input_ids = input_ids.to(device)
-            batch, seqlen = input_ids.shape
-        else:
-            if inputs_embeds.dim() != 3:
-                raise ValueError(f"inputs_embeds must be [batch, seq, hidden], got {tuple(inputs_embeds.shape)}")
-            inputs_embeds = inputs_embeds.to(device=device, dtype=dtype)
-            batch, seqlen = inputs_embeds.shape[:2]
-        if seqlen > self.config.max_text_length:
-            raise ValueError(
-                f"sequence length {seqlen} exceeds the model's maximum of {self.config.max_text_length} tokens "
-                f"(max_position_embeddings {self.config.max_position_embeddings}, positions start at pad_token_id + 1)"
-            )
-        pos = self._position_ids(input_ids, position_ids, batch, seqlen, device)
-        keep = attention_mask.to(device).bool() if attention_mask is not None else None
-        if keep is not None and keep.shape != (batch, seqlen):
-            raise ValueError(f"attention_mask must be {(batch, seqlen)}, got {tuple(keep.shape)}")
-
-        # Pack only when it is exact: the pooled token 0 must itself be a real token in every row.
-        # (Left padding or an empty row falls back to the padded computation.)
-        if keep is None or bool(keep.all()):
-            layout, rows = PaddedLayout(batch, seqlen, None), None
-        elif not output_attentions and bool(keep[:, 0].all()):
-            layout = PackedLayout.from_mask(keep)
-            rows = layout.grid_index
-        else:
-            layout, rows = PaddedLayout(batch, seqlen, keep), None
-
-        def select(t):  # [batch, seqlen, ...] -> the rows this layout computes
-            t = t.reshape(batch * seqlen, *t.shape[2:])
-            return t if rows is None else t.index_select(0, rows)
-
-        if inputs_embeds is not None:
-            x = select(inputs_embeds)
-        else:
-            x = F.embedding(select(input_ids), self.word_embeddings.weight)
-        if token_type_ids is None:
-            x = x + self.token_type_embeddings.weight[0]  # the all-zeros default, without a gather
-        else:
-            x = x + F.embedding(select(token_type_ids.to(device).expand(batch, seqlen)), self.token_type_embeddings.weight)
-        x = x + F.embedding(select(pos), self.position_embeddings.weight)
-        x = ops.layer_norm(x, self.embeddings_norm.weight, self.embeddings_norm.bias, self.config.layer_norm_eps)
-
-        def to_grid(t):  # computed rows -> [batch, seqlen, features], zeros where nothing was computed
-            if rows is None:
-                return t.view(batch, seqlen, -1)
-            grid = t.new_zeros((batch * seqlen, t.shape[-1]))
-            return grid.index_copy_(0, rows, t).view(batch, seqlen, -1)
-
-        if isinstance(layout, PackedLayout):
-            pooled_rows = layout.cu_seqlens[:-1].long()
-        else:
-            pooled_rows = torch.arange(batch, device=device) * seqlen
-        x, hidden_states, attentions = self._run_layers(
-            x, layout, ops, keep_rows=pooled_rows if pooled_only else None,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, to_grid=to_grid,
+        input_ids, inputs_embeds, keep = self._check_inputs(
+            input_ids, attention_mask, inputs_embeds, pooled_only=pooled_only,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
         )
-        x = ops.layer_norm(x, self.final_norm.weight, self.final_norm.bias, self.config.layer_norm_eps)
-        projected = ops.linear(x, self.transformation.weight, self.transformation.bias)
+        batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        device, ops = self.device, self._ops()
+        pos = self._position_ids(input_ids, position_ids, batch, seqlen, device)
+        grid = _TextGrid.choose(keep, batch, seqlen, output_attentions=output_attentions)
+        x = self._embed(grid, ops, input_ids, inputs_embeds, token_type_ids, pos)
+        pooled_rows = grid.pooled_rows(device)
+        x, hidden_states, attentions = self._run_layers(
+            x, grid.layout, ops, keep_rows=pooled_rows if pooled_only else None,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, to_grid=grid.to_grid,
+        )
+        projected = self._head(x, ops)
         if pooled_only:
             return projected
         return BaseModelOutputWithPoolingAndProjection(
-            last_hidden_state=to_grid(projected),
+            last_hidden_state=grid.to_grid(projected),
             pooler_output=projected.index_select(0, pooled_rows),
             hidden_states=hidden_states,
             attentions=attentions,
         )
+
+
+class _TextGrid(NamedTuple):
+    """Which cells of the ``[batch, seqlen]`` token grid the text layers compute, as rows: every cell
+    (padded layout) or the real tokens only (packed layout)."""
+
+    batch: int
+    seqlen: int
+    layout: PaddedLayout | PackedLayout
+    rows: torch.Tensor | None  # flattened grid index of each computed row; None: every cell, in order
+
+    @classmethod
+    def choose(cls, keep: torch.Tensor | None, batch: int, seqlen: int, *, output_attentions: bool) -> "_TextGrid":
+        # Pack only when it is exact: the pooled token 0 must itself be a real token in every row.
+        # (Left padding or an empty row falls back to the padded computation.) Attention maps are
+        # [batch, heads, seq, seq], so they need the padded grid too.
+        if keep is None or bool(keep.all()):
+            return cls(batch, seqlen, PaddedLayout(batch, seqlen, None), None)
+        if not output_attentions and bool(keep[:, 0].all()):
+            layout = PackedLayout.from_mask(keep)
+            return cls(batch, seqlen, layout, layout.grid_index)
+        return cls(batch, seqlen, PaddedLayout(batch, seqlen, keep), None)
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        """``[batch, seqlen, ...]`` -> the computed rows ``[rows, ...]``."""
+        t = t.reshape(self.batch * self.seqlen, *t.shape[2:])
+        return t if self.rows is None else t.index_select(0, self.rows)
+
+    def to_grid(self, t: torch.Tensor) -> torch.Tensor:
+        """Computed rows -> ``[batch, seqlen, features]``, zeros where nothing was computed."""
+        if self.rows is None:
+            return t.view(self.batch, self.seqlen, -1)
+        grid = t.new_zeros((self.batch * self.seqlen, t.shape[-1]))
+        return grid.index_copy_(0, self.rows, t).view(self.batch, self.seqlen, -1)
+
+    def pooled_rows(self, device) -> torch.Tensor:
+        """The row of each sequence's token 0."""
+        if isinstance(self.layout, PackedLayout):
+            return self.layout.cu_seqlens[:-1].long()
+        return torch.arange(self.batch, device=device) * self.seqlen
 
 
 class AltCLIPVisionModel(_Tower):
@@ -391,9 +397,16 @@ class AltCLIPVisionModel(_Tower):
         """Load the vision tower of an AltCLIP checkpoint directory (or hub id), or a vision-only one."""
         # Vision keys keep their "vision_model." prefix (as in transformers); this tower is flat.
         return _load_pretrained(
-            cls, "vision", _vision_mapping, path_or_id, dtype=_dtype_arg(dtype, torch_dtype), device=device, backend=backend,
+            cls, "vision", vision_key_map, path_or_id, dtype=_dtype_arg(dtype, torch_dtype), device=device, backend=backend,
             strip="vision_model.",
         )
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write a standalone vision-tower checkpoint that transformers' ``AltCLIPVisionModel`` and
+        :meth:`from_pretrained` both load (keys under ``vision_model.``, which transformers 4 needs and
+        5 accepts)."""
+        key_map = prefixed(vision_key_map(self.config), "", "vision_model.")
+        _save_pretrained(self, key_map, self.config.to_dict(), "AltCLIPVisionModel", save_directory)
 
     @torch.no_grad()
     def forward(
@@ -531,9 +544,14 @@ class AltCLIPModel(nn.Module):
         with torch.device("meta"):
             model = cls(config, backend=backend)
         _load_fused(
-            model, _model_mapping(config), state_dict, dtype=resolve_dtype(dtype), device=device, source=source
+            model, model_key_map(config), state_dict, dtype=resolve_dtype(dtype), device=device, source=source
         )
         return model.eval()
+
+    def save_pretrained(self, save_directory) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (canonical keys, the model's dtype), which
+        transformers' ``AltCLIPModel.from_pretrained`` and :meth:`from_pretrained` both load."""
+        _save_pretrained(self, model_key_map(self.config), self.config.to_dict(), "AltCLIPModel", save_directory)
 
     @torch.no_grad()
     def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None, token_type_ids=None):
@@ -576,12 +594,8 @@ class AltCLIPModel(nn.Module):
         text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
         logits_per_text = torch.matmul(text_embeds, image_embeds.t()) * self.logit_scale.exp()
         logits_per_image = logits_per_text.t()
-        loss = None
-        if return_loss:
-            targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
-            loss = (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_text.t(), targets)) / 2
         out = AltCLIPOutput(
-            loss=loss,
+            loss=clip_loss(logits_per_text) if return_loss else None,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,

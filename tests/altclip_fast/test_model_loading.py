@@ -12,6 +12,7 @@ from altclip_fast import CheckpointError
 from altclip_fast.ops import dispatch
 from altclip_fast.modeling import model as fast
 from altclip_fast.modeling.checkpoint import canonicalize_keys
+from altclip_fast.modeling.weights import model_key_map
 from tests.checkpoints import (
     make_pixels,
     make_text_batch,
@@ -60,7 +61,7 @@ def test_every_parameter_comes_from_the_checkpoint(canonical):
     # Every parameter equals (a concatenation of) its checkpoint tensors, up to the quick_gelu fold.
     layer = model.vision_model.layers[0]
     scale = dict(layer.quick_gelu_fold_factors(True)) if layer.quick_gelu_folded else {}
-    for name, sources in fast._model_mapping(CONFIG).items():
+    for name, sources in model_key_map(CONFIG).items():
         want = torch.cat([canonical[s] for s in sources]) if len(sources) > 1 else canonical[sources[0]]
         factor = next((f for suffix, f in scale.items() if name.startswith("vision_model.layers.")
                        and name.endswith(suffix)), 1.0)

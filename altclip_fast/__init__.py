@@ -36,6 +36,7 @@ _EXPORTS = {
     "AltCLIPError": "errors",
     "ConfigError": "errors",
     "CheckpointError": "errors",
+    "UsageError": "errors",
     "AltCLIPModel": "modeling.model",
     "AltCLIPTextModel": "modeling.model",
     "AltCLIPVisionModel": "modeling.model",

@@ -15,15 +15,12 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import AltCLIPError
+from ..errors import AltCLIPError, UsageError
 
 DEFAULT_MODEL = "BAAI/AltCLIP"
-
-
-class UsageError(AltCLIPError):
-    """A wrong command line or input: exit status 2."""
-
-    exit_code = 2
+# The names --dtype accepts, besides auto (a subset of altclip_fast.dtypes.DTYPE_NAMES, which would
+# import torch: the parser is built without it).
+DTYPE_CHOICES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +51,7 @@ def auto_dtype(device):
     """The dtype ``--dtype auto`` means: the one place this choice is made.
 
     GPU: bf16 where the card supports it (Ampere and later), else fp16. CPU: fp32, the safe choice
-    (no reduced-precision drift in embeddings); it stays until bf16 on CPU is measured to be worth it.
+    (no reduced-precision drift in embeddings).
     """
     import torch
 
@@ -66,10 +63,11 @@ def auto_dtype(device):
 def pick_dtype(name: str, device):
     import torch
 
+    from ..dtypes import resolve_dtype
+
     if name == "auto":
         return auto_dtype(device)
-    dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}[name]
+    dtype = resolve_dtype(name)
     if dtype == torch.float16 and device.type == "cpu":
         raise UsageError("--dtype fp16 is not supported on CPU (use fp32 or bf16)")
     return dtype
@@ -92,11 +90,9 @@ def resolve_model(model: str) -> Path:
 
 
 def load_model(model_dir: Path, device, dtype):
-    """Load AltCLIP for inference: the fast model when it is installed, else the plain reference."""
-    try:
-        from altclip_fast import AltCLIPModel
-    except (ImportError, AttributeError):
-        from ..reference import AltCLIPModel
+    """The fast AltCLIP model, loaded for inference."""
+    from ..modeling.model import AltCLIPModel
+
     return AltCLIPModel.from_pretrained(model_dir, dtype=dtype, device=device).eval()
 
 
@@ -129,8 +125,7 @@ class Session:
         import torch
 
         name = str(self.dtype).removeprefix("torch.")
-        kind = "reference" if type(self.model).__module__.startswith("altclip_fast.reference") else "fast"
-        return f"{self.args.model} ({kind} model) on {self.device} in {name}" + (
+        return f"{self.args.model} on {self.device} in {name}" + (
             f" with {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
         )
 
@@ -228,26 +223,22 @@ def _table(results: list[dict]) -> str:
 
 
 def cmd_embed(args) -> int:
-    from .embed import run
+    from . import embed
 
-    return run(args, Session)
+    job = embed.EmbedJob(
+        input=args.input, out=args.out, model=args.model, batch_size=args.batch_size, workers=args.workers,
+        normalize=args.normalize, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        exif_transpose=not args.no_exif_transpose, fast_decode=args.fast_decode,
+    )
+    return embed.run(job, lambda: Session(args))
 
 
 # ---------------------------------------------------------------------------------------------- bench
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from importlib import import_module
+    from . import benchmark
 
-    try:
-        benchmark = import_module(f"{__package__}.benchmark")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.benchmark":
-            raise
-        raise UsageError(
-            "`altclip-fast bench` is not available in this build: the benchmark (altclip_fast.benchmark) "
-            "has not landed yet"
-        ) from None
     parser = _Parser(prog="altclip-fast bench", description="End-to-end benchmark of the fast model.")
     benchmark.add_arguments(parser)
     return int(benchmark.run(parser.parse_args(argv)) or 0)
@@ -262,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"local model directory or Hugging Face Hub id (default: {DEFAULT_MODEL})")
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    group.add_argument("--dtype", default="auto", choices=["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"],
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
                        help="auto: bf16 (fp16 on pre-Ampere GPUs) on GPU, fp32 on CPU")
     group.add_argument("--batch-size", type=int, default=32, help="items per model call (default: 32)")
     group.add_argument("--no-exif-transpose", action="store_true",

@@ -27,11 +27,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .cli import UsageError
-from ..errors import AltCLIPError
+from ..errors import AltCLIPError, UsageError
+from ..model_files import read_json
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
@@ -116,7 +117,7 @@ class PartialRun:
         Returns the plan in force (a resumed run keeps its batch size)."""
         plan_file = self.directory / "plan.json"
         if resume and plan_file.is_file():
-            old = json.loads(plan_file.read_text(encoding="utf-8"))
+            old = read_json(plan_file, error=UsageError, what="the interrupted run's plan")
             differ = [k for k in plan if k != "batch_size" and old.get(k) != plan[k]]
             if differ:
                 details = ", ".join(f"{k}: {old.get(k)!r} then, {plan[k]!r} now" for k in differ)
@@ -257,155 +258,213 @@ def _embed(session, kind: str, payload, normalize: bool) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def _summary(kind: str, embedded: int, reused: int, skipped: list[dict], out: Path, meta: Path, seconds: float,
-             computed: int) -> str:
-    noun = "images" if kind == "image" else "captions"
-    text = f"embedded {embedded} {noun} into {out}"
-    if reused:
-        text += f" ({reused} reused from the interrupted run, {computed} computed now)"
-    rate = computed / seconds if seconds > 0 else 0.0
-    text += f" in {seconds:.1f}s ({rate:.1f} {noun}/s)"
-    if skipped:
-        kinds = Counter(s["category"] for s in skipped)
-        text += f"; skipped {len(skipped)}: " + ", ".join(f"{n} {c}" for c, n in sorted(kinds.items()))
-        text += f" (listed in {meta})"
-    else:
-        text += "; skipped 0"
-    return text
+@dataclass(frozen=True)
+class EmbedJob:
+    """What ``altclip-fast embed`` was asked to do (its command line, minus the model options)."""
+
+    input: str  # folder, glob, image file or caption file
+    out: str  # .npy or .safetensors
+    model: str  # as the user named it, for the metadata
+    batch_size: int
+    workers: int | None  # None: default_workers()
+    normalize: bool
+    resume: bool
+    overwrite: bool
+    progress: bool
+    exif_transpose: bool
+    fast_decode: bool
 
 
-def run(args, session_factory) -> int:
-    out = Path(args.out).expanduser()
-    if out.suffix not in OUTPUT_SUFFIXES:
-        raise UsageError(f"--out {args.out}: the output must end in .npy or .safetensors")
-    meta = out.with_name(out.name + ".meta.json")
-    partial = PartialRun(out.with_name(f".{out.name}.partial"))
-    if out.is_dir():
-        raise UsageError(f"--out {args.out} is a directory; give a file name ending in .npy or .safetensors")
-    if out.exists() and not args.overwrite:
-        if args.resume and not partial.directory.exists():
-            print(f"{out} is already complete; nothing to resume (pass --overwrite to recompute it)")
-            return 0
-        if not args.resume:
-            raise UsageError(f"{out} exists: pass --overwrite to replace it")
-        # else: an interrupted --overwrite run of this output; resuming it replaces the output at the end.
-    if partial.directory.exists() and not (args.resume or args.overwrite):
-        raise UsageError(
-            f"an interrupted run of this output is in {partial.directory}: pass --resume to continue it "
-            "or --overwrite to start over"
-        )
-    workers = default_workers() if args.workers is None else args.workers
+@dataclass(frozen=True)
+class OutputFiles:
+    """The output, its metadata file next to it, and the batch files of a run in progress."""
+
+    out: Path
+    meta: Path
+    partial: PartialRun
+
+    @classmethod
+    def of(cls, out: str) -> OutputFiles:
+        path = Path(out).expanduser()
+        return cls(path, path.with_name(path.name + ".meta.json"), PartialRun(path.with_name(f".{path.name}.partial")))
+
+
+def run(job: EmbedJob, open_session: Callable[[], object]) -> int:
+    """Embed ``job.input`` into ``job.out``. ``open_session()`` gives the model, processor, device and
+    dtype (see ``altclip_fast.apps.cli.Session``); it is called once the job's inputs are checked."""
+    files = OutputFiles.of(job.out)
+    if _already_complete(job, files):
+        print(f"{files.out} is already complete; nothing to resume (pass --overwrite to recompute it)")
+        return 0
+    workers = default_workers() if job.workers is None else job.workers
     if workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {workers}")
-    inputs = find_inputs(args.input)
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {args.out}: the folder {out.parent} does not exist")
+    inputs = find_inputs(job.input)
+    if not files.out.parent.is_dir():
+        raise UsageError(f"--out {job.out}: the folder {files.out.parent} does not exist")
 
-    session = session_factory(args)
+    session = open_session()
+    plan = files.partial.start(_plan(job, inputs, session), resume=job.resume and not job.overwrite)
+    if plan["batch_size"] != job.batch_size:
+        print(f"altclip-fast: resuming with the interrupted run's --batch-size {plan['batch_size']}", file=sys.stderr)
+    embed_run = _Run(job, inputs, files, session, plan)
+    seconds = embed_run.compute(workers)
+    return embed_run.finish(seconds)
+
+
+def _already_complete(job: EmbedJob, files: OutputFiles) -> bool:
+    """Check the output options against what is on disk. True: ``--resume`` of a finished output."""
+    if files.out.suffix not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--out {job.out}: the output must end in .npy or .safetensors")
+    if files.out.is_dir():
+        raise UsageError(f"--out {job.out} is a directory; give a file name ending in .npy or .safetensors")
+    if files.out.exists() and not job.overwrite:
+        if job.resume and not files.partial.directory.exists():
+            return True
+        if not job.resume:
+            raise UsageError(f"{files.out} exists: pass --overwrite to replace it")
+        # else: an interrupted --overwrite run of this output; resuming it replaces the output at the end.
+    if files.partial.directory.exists() and not (job.resume or job.overwrite):
+        raise UsageError(
+            f"an interrupted run of this output is in {files.partial.directory}: pass --resume to continue it "
+            "or --overwrite to start over"
+        )
+    return False
+
+
+def _plan(job: EmbedJob, inputs: Inputs, session) -> dict:
+    """What the run computes: a resumed run must compute the same (the batch size may differ)."""
     digest = hashlib.sha256("\n".join(json.dumps(r, ensure_ascii=False) for r in inputs.rows).encode()).hexdigest()
-    plan = partial.start(
-        {
-            "version": PLAN_VERSION,
-            "kind": inputs.kind,
-            "count": len(inputs.items),
-            "inputs_sha256": digest,
-            "model": str(session.model_dir.resolve()),
-            "dtype": str(session.dtype).removeprefix("torch."),
-            "normalize": bool(args.normalize),
-            "exif_transpose": not args.no_exif_transpose,
-            "fast_decode": bool(args.fast_decode),
-            "batch_size": args.batch_size,
-        },
-        resume=args.resume and not args.overwrite,
-    )
-    batch_size = plan["batch_size"]
-    if batch_size != args.batch_size:
-        print(f"altclip-fast: resuming with the interrupted run's --batch-size {batch_size}", file=sys.stderr)
-    n = len(inputs.items)
-    batches = [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
-    done = partial.done(len(batches))
-    pending = [batches[k] for k in range(len(batches)) if k not in done]
-    reused_items = sum(len(batches[k]) for k in done)
-
-    from tqdm import tqdm
-
-    # Loads the model before the clock starts, so that the rate shown is the embedding rate.
-    print(f"altclip-fast: embedding with {session.describe()}", file=sys.stderr)
-    crash_after = int(os.environ.get(_CRASH_AFTER_BATCHES, "0") or 0)
-    written = 0
-    started = time.perf_counter()
-    bar = tqdm(total=n, initial=reused_items, unit=" img" if inputs.kind == "image" else " text",
-               disable=args.no_progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-    batch_of = {batch[0]: k for k, batch in enumerate(batches)}
-    try:
-        source = (_image_batches(inputs, pending, session, workers) if inputs.kind == "image"
-                  else _text_batches(inputs, pending, session))
-        for k_batch, (indices, payload, skipped, reasons) in zip(pending, source):
-            k = batch_of[k_batch[0]]
-            if payload is None:
-                embeddings = np.zeros((0, session.model.config.projection_dim), dtype=np.float32)
-            else:
-                embeddings = _embed(session, inputs.kind, payload, args.normalize)
-            partial.write(k, embeddings, indices, skipped, reasons)
-            written += 1
-            for i, reason in zip(skipped, reasons):
-                bar.write(f"altclip-fast: skipped {inputs.items[i]}: {reason}", file=sys.stderr)
-            bar.update(len(k_batch))
-            if crash_after and written >= crash_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"altclip-fast: interrupted; {len(done) + written} of {len(batches)} batches are saved: "
-              "rerun the same command with --resume to finish", file=sys.stderr)
-        raise
-    bar.close()
-    seconds = time.perf_counter() - started
-    computed_items = sum(len(b) for b in pending)
-    return _finish(inputs, batches, partial, out, meta, session, args, plan, reused_items, computed_items, seconds)
-
-
-def _finish(inputs, batches, partial, out, meta, session, args, plan, reused, computed, seconds) -> int:
-    rows, skipped = [], [{**s, "category": s["reason"]} for s in inputs.skipped]
-    sizes = []
-    for k in range(len(batches)):
-        indices, skipped_idx, reasons = partial.read_index(k)
-        sizes.append(len(indices))
-        rows.extend(inputs.rows[i] for i in indices.tolist())
-        for i, reason in zip(skipped_idx.tolist(), reasons):
-            skipped.append({**inputs.rows[i], "reason": reason, "category": "unreadable"})
-    embedded = len(rows)
-    if embedded == 0:
-        shutil.rmtree(partial.directory)
-        for s in skipped:
-            print(f"altclip-fast: skipped {s.get('path', s.get('line'))}: {s['reason']}", file=sys.stderr)
-        raise AltCLIPError(f"none of the {len(inputs.items)} inputs could be embedded; nothing written")
-    dim = session.model.config.projection_dim
-
-    info = {
-        "kind": inputs.kind, "input": args.input, "model": args.model, "dtype": plan["dtype"],
-        "normalized": plan["normalize"], "exif_transpose": plan["exif_transpose"],
-        "fast_decode": plan["fast_decode"], "count": embedded, "dim": dim,
+    return {
+        "version": PLAN_VERSION,
+        "kind": inputs.kind,
+        "count": len(inputs.items),
+        "inputs_sha256": digest,
+        "model": str(session.model_dir.resolve()),
+        "dtype": str(session.dtype).removeprefix("torch."),
+        "normalize": bool(job.normalize),
+        "exif_transpose": job.exif_transpose,
+        "fast_decode": bool(job.fast_decode),
+        "batch_size": job.batch_size,
     }
-    meta_tmp = meta.with_name(f".{meta.name}.tmp")
-    meta_tmp.write_text(json.dumps({
-        **info,
-        "output": out.name,
-        "rows": [{"row": r, **row} for r, row in enumerate(rows)],
-        "skipped": [{k: v for k, v in s.items() if k != "category"} for s in skipped],
-    }, ensure_ascii=False, indent=1), encoding="utf-8")
-    _fsync_replace(meta_tmp, meta)
 
-    # Batch by batch, so that the output never has to fit in memory at once.
-    parts = (partial.read_embeddings(k) for k, size in enumerate(sizes) if size)
-    data_tmp = out.with_name(f".{out.name}.tmp")
-    if out.suffix == ".npy":
-        _write_npy(data_tmp, parts, embedded, dim)
-    else:
-        _write_safetensors(data_tmp, parts, embedded, dim, {k: str(v) for k, v in info.items()})
-    _fsync_replace(data_tmp, out)
-    shutil.rmtree(partial.directory)
-    print(_summary(inputs.kind, embedded, reused, skipped, out, meta, seconds, computed))
-    return 0
+
+class _Run:
+    """A started run: its inputs cut into batches of the plan's size, some already done on disk."""
+
+    def __init__(self, job: EmbedJob, inputs: Inputs, files: OutputFiles, session, plan: dict):
+        self.job, self.inputs, self.files, self.session, self.plan = job, inputs, files, session, plan
+        n, size = len(inputs.items), plan["batch_size"]
+        self.batches = [list(range(start, min(n, start + size))) for start in range(0, n, size)]
+        done = files.partial.done(len(self.batches))
+        self.pending = [batch for k, batch in enumerate(self.batches) if k not in done]
+        self.reused = sum(len(self.batches[k]) for k in done)
+        self.computed = sum(len(b) for b in self.pending)
+
+    def compute(self, workers: int) -> float:
+        """Embed the pending batches, writing each one's file as it is done. Returns the seconds it took."""
+        from tqdm import tqdm
+
+        job, inputs, session = self.job, self.inputs, self.session
+        session.model  # loaded before the clock starts, so that the rate shown is the embedding rate
+        print(f"altclip-fast: embedding with {session.describe()}", file=sys.stderr)
+        crash_after = int(os.environ.get(_CRASH_AFTER_BATCHES, "0") or 0)
+        written = 0
+        started = time.perf_counter()
+        bar = tqdm(total=len(inputs.items), initial=self.reused, unit=" img" if inputs.kind == "image" else " text",
+                   disable=not job.progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        batch_of = {batch[0]: k for k, batch in enumerate(self.batches)}
+        try:
+            source = (_image_batches(inputs, self.pending, session, workers) if inputs.kind == "image"
+                      else _text_batches(inputs, self.pending, session))
+            for batch, (indices, payload, skipped, reasons) in zip(self.pending, source):
+                if payload is None:
+                    embeddings = np.zeros((0, session.model.config.projection_dim), dtype=np.float32)
+                else:
+                    embeddings = _embed(session, inputs.kind, payload, job.normalize)
+                self.files.partial.write(batch_of[batch[0]], embeddings, indices, skipped, reasons)
+                written += 1
+                for i, reason in zip(skipped, reasons):
+                    bar.write(f"altclip-fast: skipped {inputs.items[i]}: {reason}", file=sys.stderr)
+                bar.update(len(batch))
+                if crash_after and written >= crash_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        except KeyboardInterrupt:
+            bar.close()
+            saved = len(self.batches) - len(self.pending) + written
+            print(f"altclip-fast: interrupted; {saved} of {len(self.batches)} batches are saved: "
+                  "rerun the same command with --resume to finish", file=sys.stderr)
+            raise
+        bar.close()
+        return time.perf_counter() - started
+
+    def finish(self, seconds: float) -> int:
+        """Metadata, then the output, from the batch files; the partial directory goes last."""
+        files = self.files
+        rows, skipped, sizes = self._collect()
+        embedded = len(rows)
+        if embedded == 0:
+            shutil.rmtree(files.partial.directory)
+            for s in skipped:
+                print(f"altclip-fast: skipped {s.get('path', s.get('line'))}: {s['reason']}", file=sys.stderr)
+            raise AltCLIPError(f"none of the {len(self.inputs.items)} inputs could be embedded; nothing written")
+        dim = self.session.model.config.projection_dim
+        info = {
+            "kind": self.inputs.kind, "input": self.job.input, "model": self.job.model, "dtype": self.plan["dtype"],
+            "normalized": self.plan["normalize"], "exif_transpose": self.plan["exif_transpose"],
+            "fast_decode": self.plan["fast_decode"], "count": embedded, "dim": dim,
+        }
+        self._write_meta(info, rows, skipped)
+        # Batch by batch, so that the output never has to fit in memory at once.
+        parts = (files.partial.read_embeddings(k) for k, size in enumerate(sizes) if size)
+        data_tmp = files.out.with_name(f".{files.out.name}.tmp")
+        if files.out.suffix == ".npy":
+            _write_npy(data_tmp, parts, embedded, dim)
+        else:
+            _write_safetensors(data_tmp, parts, embedded, dim, {k: str(v) for k, v in info.items()})
+        _fsync_replace(data_tmp, files.out)
+        shutil.rmtree(files.partial.directory)
+        print(self._summary(embedded, skipped, seconds))
+        return 0
+
+    def _collect(self) -> tuple[list[dict], list[dict], list[int]]:
+        """The metadata rows of the embedded inputs in output order, the skipped inputs (with a
+        ``category`` for the summary), and the number of rows per batch file."""
+        rows, skipped = [], [{**s, "category": s["reason"]} for s in self.inputs.skipped]
+        sizes = []
+        for k in range(len(self.batches)):
+            indices, skipped_idx, reasons = self.files.partial.read_index(k)
+            sizes.append(len(indices))
+            rows.extend(self.inputs.rows[i] for i in indices.tolist())
+            for i, reason in zip(skipped_idx.tolist(), reasons):
+                skipped.append({**self.inputs.rows[i], "reason": reason, "category": "unreadable"})
+        return rows, skipped, sizes
+
+    def _write_meta(self, info: dict, rows: list[dict], skipped: list[dict]) -> None:
+        meta = self.files.meta
+        meta_tmp = meta.with_name(f".{meta.name}.tmp")
+        meta_tmp.write_text(json.dumps({
+            **info,
+            "output": self.files.out.name,
+            "rows": [{"row": r, **row} for r, row in enumerate(rows)],
+            "skipped": [{k: v for k, v in s.items() if k != "category"} for s in skipped],
+        }, ensure_ascii=False, indent=1), encoding="utf-8")
+        _fsync_replace(meta_tmp, meta)
+
+    def _summary(self, embedded: int, skipped: list[dict], seconds: float) -> str:
+        noun = "images" if self.inputs.kind == "image" else "captions"
+        text = f"embedded {embedded} {noun} into {self.files.out}"
+        if self.reused:
+            text += f" ({self.reused} reused from the interrupted run, {self.computed} computed now)"
+        rate = self.computed / seconds if seconds > 0 else 0.0
+        text += f" in {seconds:.1f}s ({rate:.1f} {noun}/s)"
+        if skipped:
+            kinds = Counter(s["category"] for s in skipped)
+            text += f"; skipped {len(skipped)}: " + ", ".join(f"{n} {c}" for c, n in sorted(kinds.items()))
+            text += f" (listed in {self.files.meta})"
+        else:
+            text += "; skipped 0"
+        return text
 
 
 def _write_npy(path: Path, parts, rows: int, dim: int) -> None:

@@ -35,3 +35,19 @@ def test_tuple_conversion_nests_tower_outputs():
     assert as_tuple[5] == vision.to_tuple()
     assert out[4] == as_tuple[4]  # integer indexing goes through to_tuple, like transformers
     assert out["text_model_output"] is text  # by name: the object itself
+
+
+def test_roberta_position_ids_count_real_tokens_from_pad_plus_one():
+    from altclip_fast.modeling.model import roberta_position_ids
+
+    ids = torch.tensor([[0, 5, 1, 7, 1], [0, 2, 2, 2, 2]])  # pad_token_id 1, also inside the first text
+    assert roberta_position_ids(ids, 1).tolist() == [[2, 3, 1, 4, 1], [2, 3, 4, 5, 6]]
+
+
+def test_clip_loss_matches_the_reference():
+    from altclip_fast.modeling.model import clip_loss
+    from altclip_fast.reference.modeling import clip_loss as reference_clip_loss
+
+    logits = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))  # [texts, images]
+    torch.testing.assert_close(clip_loss(logits), reference_clip_loss(logits), rtol=0, atol=0)
+    assert clip_loss(torch.eye(3) * 100).item() < 1e-6  # each text matches its own image

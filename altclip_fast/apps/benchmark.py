@@ -15,9 +15,14 @@ Rounds alternate which model runs first; a round repeats the call until it lasts
 reports median throughput over rounds, the ratio of medians and the min-max of the per-round ratios
 (the spread, which matters on a shared machine). Rows are printed, and the JSON rewritten, as each
 workload finishes, so a run cut short keeps what it measured.
-Accuracy: both models' embeddings on a few inputs against the fp32 reference (``reference``).
 
-Run as ``altclip-fast bench`` or ``python -m altclip_fast.apps.benchmark``.
+Memory: the fast model's resident bytes, its parameters (the checkpoint's values) plus the derived
+forms its backend prepared at load (``"model_bytes"`` in the JSON).
+Accuracy: both models' embeddings on a few inputs against an fp32 oracle: transformers in fp32 when it
+is installed (the parity contract), else altclip_fast itself in fp32 (a self-check, said so in the output).
+
+Run as ``altclip-fast bench`` or ``python -m altclip_fast.apps.benchmark``; measured numbers are in
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +45,7 @@ from ..dtypes import resolve_dtype
 from ..modeling.config import AltCLIPConfig
 from ..modeling.model import AltCLIPModel, checkpoint_shapes
 
-__all__ = ["add_arguments", "run", "main", "random_state_dict", "mixed_length_texts"]
+__all__ = ["add_arguments", "run", "main", "random_state_dict", "mixed_length_texts", "model_bytes"]
 
 _TINY = dict(
     text_config=dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -65,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-transformers", action="store_true", help="time altclip_fast alone")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="on a GPU, skip the extra batch-1 run with each model captured in a CUDA graph")
-    parser.add_argument("--no-check", action="store_true", help="skip the accuracy check against the fp32 reference")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the accuracy check against the fp32 oracle (transformers in fp32 when installed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
@@ -220,32 +227,133 @@ def _cuda_graphed(fn):
     return replay
 
 
-# ---------------------------------------------------------------------------------------------- run
+# ---------------------------------------------------------------------------------------------- setup
 
 
-def _accuracy(config, state_or_path, dtype, device, models: dict, texts, pixels) -> dict:
-    """Max |cosine-space error| of each model's embeddings against the fp32 reference."""
-    import reference
-    from ..modeling.checkpoint import load_into
+@dataclass(frozen=True)
+class Settings:
+    """Where and how long to measure: from the command line and the device's defaults."""
 
-    if isinstance(state_or_path, dict):
-        with torch.device("meta"):
-            ref = reference.AltCLIPModel(config)
-        load_into(ref, state_or_path, dtype=torch.float32, device="cpu")
-        ref.eval()
+    device: str
+    dtype: torch.dtype
+    batches: list[int]
+    rounds: int
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: str) -> Settings:
+        if args.batches:
+            batches = [int(b) for b in args.batches.split(",") if b.strip()]
+        else:
+            batches = [1, 8, 64, 256] if device.startswith("cuda") else [1, 8]
+            if args.quick:
+                batches = batches[:2]
+        return cls(device, resolve_dtype(args.dtype), batches, args.rounds or (2 if args.quick else 5))
+
+
+@dataclass
+class Models:
+    """The models under test (``altclip_fast`` first), and where their weights came from."""
+
+    config: AltCLIPConfig
+    timed: dict  # name -> model, in the benchmark's dtype and on its device
+    weights: str  # for the report
+    state: dict | None  # the fp32 random weights; None for a checkpoint
+    directory: str | None  # a checkpoint transformers can load (the random weights written out), or None
+
+    @property
+    def fast(self) -> AltCLIPModel:
+        return self.timed["altclip_fast"]
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers
+
+
+def _load_models(args, settings: Settings, compare: bool, oracle_needs_files: bool, tmp: str) -> Models:
+    dtype, device = settings.dtype, settings.device
+    if args.model:
+        config = AltCLIPConfig.from_pretrained(args.model)
+        fast = AltCLIPModel.from_pretrained(args.model, dtype=dtype, device=device)
+        models = Models(config, {"altclip_fast": fast}, str(args.model), None, args.model)
     else:
-        ref = reference.AltCLIPModel.from_pretrained(state_or_path)
+        config = AltCLIPConfig() if args.arch == "baai" else AltCLIPConfig(**_TINY)
+        state = random_state_dict(config, args.seed)
+        fast = AltCLIPModel.from_state_dict(config, state, dtype=dtype, device=device)
+        weights = ("BAAI/AltCLIP" if args.arch == "baai" else "tiny") + " architecture, random weights"
+        models = Models(config, {"altclip_fast": fast}, weights, state, None)
+        if compare or oracle_needs_files:
+            models.directory = _write_checkpoint(config, state, torch.float32 if oracle_needs_files else dtype, tmp)
+    if compare:
+        models.timed["transformers"] = _load_transformers(models.directory, dtype, device)
+    return models
+
+
+def _write_checkpoint(config: AltCLIPConfig, state: dict, dtype: torch.dtype, directory: str) -> str:
+    """The random weights as a checkpoint transformers reads. In fp32 when the fp32 oracle loads them
+    too; transformers rounds them to the benchmark dtype on load, as ``.to(dtype)`` does."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, f"{directory}/model.safetensors")
+    Path(directory, "config.json").write_text(json.dumps(config.to_dict()))
+    return directory
+
+
+def model_bytes(model) -> dict[str, int]:
+    """Bytes the model holds: its parameters (the checkpoint's values, in the model's dtype), the
+    derived forms its backend prepared (folded or pre-packed weights), and their sum."""
+    parameters = sum(p.nbytes for p in model.parameters())
+    derived = int(getattr(model, "derived_nbytes", lambda: 0)())
+    return {"parameters": parameters, "derived": derived, "resident": parameters + derived}
+
+
+def _meta(settings: Settings, models: Models, transformers, oracle: str | None, notes: list) -> dict:
+    device = (torch.cuda.get_device_name() if settings.gpu
+              else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    return {
+        "weights": models.weights,
+        "dtype": str(settings.dtype).removeprefix("torch."),
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": getattr(transformers, "__version__", None),
+        "rounds": settings.rounds,
+        "oracle": oracle,
+        "command": " ".join(sys.argv),
+        "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+
+
+def _oracle(args, models: Models, transformers):
+    """The fp32 model the embeddings are checked against, on the CPU: transformers when installed."""
+    if transformers is not None:
+        return _load_transformers(models.directory, torch.float32, "cpu")
+    if models.state is not None:
+        return AltCLIPModel.from_state_dict(models.config, models.state, dtype=torch.float32, device="cpu").eval()
+    return AltCLIPModel.from_pretrained(args.model, dtype=torch.float32, device="cpu").eval()
+
+
+def _accuracy(oracle, models: dict, settings: Settings, texts, pixels) -> dict:
+    """Max |cosine-space error| of each model's embeddings against the oracle's."""
     ids, mask = texts
     with torch.no_grad():
-        want_img = _normalized(ref.get_image_features(pixels))
-        want_txt = _normalized(ref.get_text_features(ids, mask))
-    del ref
-    gc.collect()
+        want_img = _normalized(_tensor(oracle.get_image_features(pixel_values=pixels)))
+        want_txt = _normalized(_tensor(oracle.get_text_features(input_ids=ids, attention_mask=mask)))
     errors = {}
     for name, model in models.items():
         with torch.no_grad():
-            img = _normalized(_tensor(model.get_image_features(pixel_values=pixels.to(device, dtype))))
-            txt = _normalized(_tensor(model.get_text_features(input_ids=ids.to(device), attention_mask=mask.to(device))))
+            img = _normalized(_tensor(model.get_image_features(pixel_values=pixels.to(settings.device, settings.dtype))))
+            txt = _normalized(_tensor(model.get_text_features(input_ids=ids.to(settings.device),
+                                                              attention_mask=mask.to(settings.device))))
         errors[name] = {
             "image_embeds_max_abs": (img - want_img).abs().max().item(),
             "text_embeds_max_abs": (txt - want_txt).abs().max().item(),
@@ -253,116 +361,85 @@ def _accuracy(config, state_or_path, dtype, device, models: dict, texts, pixels)
     return errors
 
 
-def run(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("altclip-fast bench: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    dtype = resolve_dtype(args.dtype)
-    gpu = device.startswith("cuda")
-    if args.batches:
-        batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    else:
-        batches = [1, 8, 64, 256] if gpu else [1, 8]
-    rounds = args.rounds or (2 if args.quick else 5)
-    if args.quick and not args.batches:
-        batches = batches[:2]
+def _check(args, models: Models, transformers, settings: Settings) -> dict:
+    oracle = _oracle(args, models, transformers)
+    check_texts = mixed_length_texts(models.config, 8, args.min_tokens, args.max_tokens, args.seed + 1)
+    accuracy = _accuracy(oracle, models.timed, settings, check_texts, _pixels(models.config, 2, args.seed + 2))
+    del oracle
+    gc.collect()
+    return accuracy
 
-    try:
-        import transformers
-    except ImportError:
-        transformers = None
-    compare = transformers is not None and not args.no_transformers
-    notes = []
-    if transformers is None and not args.no_transformers:
-        notes.append("transformers is not installed: the comparison is skipped (pip install transformers)")
 
-    with tempfile.TemporaryDirectory(prefix="altclip-bench-") as tmp:
-        if args.model:
-            source = args.model
-            config = AltCLIPConfig.from_pretrained(args.model)
-            fast = AltCLIPModel.from_pretrained(args.model, dtype=dtype, device=device)
-            state = None
-            weights_desc = str(args.model)
-        else:
-            config = AltCLIPConfig() if args.arch == "baai" else AltCLIPConfig(**_TINY)
-            state = random_state_dict(config, args.seed)
-            fast = AltCLIPModel.from_state_dict(config, state, dtype=dtype, device=device)
-            weights_desc = ("BAAI/AltCLIP" if args.arch == "baai" else "tiny") + " architecture, random weights"
-            source = None
-            if compare:
-                # transformers reads the same weights from disk, already in the benchmark dtype.
-                from safetensors.torch import save_file
+# ---------------------------------------------------------------------------------------------- workloads
 
-                save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, f"{tmp}/model.safetensors")
-                Path(tmp, "config.json").write_text(json.dumps(config.to_dict()))
-                source = tmp
-        models = {"altclip_fast": fast}
-        if compare:
-            models["transformers"] = _load_transformers(source, dtype, device)
 
-        texts = mixed_length_texts(config, args.texts, args.min_tokens, args.max_tokens, args.seed) if args.texts else None
-        accuracy = None
-        if not args.no_check:
-            check_texts = mixed_length_texts(config, 8, args.min_tokens, args.max_tokens, args.seed + 1)
-            accuracy = _accuracy(config, state if state is not None else args.model, dtype, device, models,
-                                 check_texts, _pixels(config, 2, args.seed + 2))
-        del state
-        gc.collect()
+def _image_runners(models: dict, config: AltCLIPConfig, batch: int, settings: Settings, seed: int) -> dict:
+    pixels = _pixels(config, batch, seed).to(settings.device, settings.dtype)
+    return {n: (lambda m=m: m.get_image_features(pixel_values=pixels)) for n, m in models.items()}
 
-        meta = {
-            "weights": weights_desc,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": torch.cuda.get_device_name() if gpu else f"cpu ({platform.processor() or platform.machine()}, "
-                                                                   f"{torch.get_num_threads()} threads)",
-            "torch": torch.__version__,
-            "transformers": getattr(transformers, "__version__", None),
-            "rounds": rounds,
-            "command": " ".join(sys.argv),
-            "notes": notes,
+
+def _image_row(models: Models, batch: int, settings: Settings, seed: int) -> dict:
+    runners = _image_runners(models.timed, models.config, batch, settings, seed)
+    with torch.inference_mode():
+        return {"workload": f"images b={batch}", "unit": "images/s", "batch": batch,
+                **_measure(runners, batch, settings.rounds, settings.device)}
+
+
+def _text_row(models: Models, texts, settings: Settings, args) -> dict:
+    ids, mask = (t.to(settings.device) for t in texts)
+    runners = {n: (lambda m=m: m.get_text_features(input_ids=ids, attention_mask=mask))
+               for n, m in models.timed.items()}
+    real = mask.float().mean().item()
+    with torch.inference_mode():
+        return {
+            "workload": f"texts {len(ids)} ({args.min_tokens}-{args.max_tokens} tok, padded {ids.shape[1]}, {real:.0%} real)",
+            "unit": "texts/s", "batch": len(ids), **_measure(runners, len(ids), settings.rounds, settings.device),
         }
-        report = {"meta": meta, "results": [], "accuracy": accuracy}
-        table = _Table(meta, compare, gpu)
 
-        def record(row):
-            # Each row is printed and saved as soon as it is measured: a run stopped by a time limit
-            # keeps what it measured.
-            report["results"].append(row)
-            table.row(row)
-            if args.json:
-                Path(args.json).write_text(json.dumps(report, indent=1))
 
-        def image_runners(batch):
-            pixels = _pixels(config, batch, args.seed).to(device, dtype)
-            return {n: (lambda m=m: m.get_image_features(pixel_values=pixels)) for n, m in models.items()}
+def _cuda_graph_row(models: Models, settings: Settings, seed: int, notes: list) -> dict | None:
+    graphed = _graphed_runners(_image_runners(models.timed, models.config, 1, settings, seed), notes)
+    if graphed is None:
+        return None
+    with torch.inference_mode():
+        return {"workload": "images b=1, CUDA graph", "unit": "images/s", "batch": 1,
+                **_measure(graphed, 1, settings.rounds, settings.device)}
 
-        for b in batches:
-            runners = image_runners(b)
-            with torch.inference_mode():
-                record({"workload": f"images b={b}", "unit": "images/s", "batch": b,
-                        **_measure(runners, b, rounds, device)})
-        if texts is not None:
-            ids, mask = (t.to(device) for t in texts)
-            runners = {n: (lambda m=m: m.get_text_features(input_ids=ids, attention_mask=mask)) for n, m in models.items()}
-            real = mask.float().mean().item()
-            with torch.inference_mode():
-                record({
-                    "workload": f"texts {len(ids)} ({args.min_tokens}-{args.max_tokens} tok, padded {ids.shape[1]}, {real:.0%} real)",
-                    "unit": "texts/s", "batch": len(ids), **_measure(runners, len(ids), rounds, device),
-                })
-        if gpu and not args.no_cuda_graphs:
-            # Last: a failed capture can leave the CUDA context unusable for what would follow it.
-            graphed = _graphed_runners(image_runners(1), notes)
-            if graphed is not None:
-                with torch.inference_mode():
-                    record({"workload": "images b=1, CUDA graph", "unit": "images/s", "batch": 1,
-                            **_measure(graphed, 1, rounds, device)})
 
+class _Report:
+    """The results as they come: each row is printed and the JSON rewritten as soon as it is measured,
+    so a run stopped by a time limit keeps what it measured."""
+
+    def __init__(self, meta: dict, memory: dict, accuracy: dict | None, json_path: str | None, compare: bool,
+                 gpu: bool):
+        self.data = {"meta": meta, "model_bytes": memory, "results": [], "accuracy": accuracy}
+        self.json_path = json_path
+        self.table = _Table(meta, memory, compare, gpu)
+
+    def record(self, row: dict | None) -> None:
+        if row is None:
+            return
+        self.data["results"].append(row)
+        self.table.row(row)
+        self.save()
+
+    def save(self) -> None:
+        if self.json_path:
+            Path(self.json_path).write_text(json.dumps(self.data, indent=1))
+
+    def finish(self, memory: dict) -> None:
+        self.data["model_bytes"] = memory
+        self.table.summary(self.data["meta"], memory, self.data["results"], self.data["accuracy"])
+        self.save()
+
+
+def _device_memory(meta: dict, gpu: bool) -> None:
+    """What the device's memory report says, into ``meta``."""
     if gpu:
         from ..ops.dispatch import get_ops
         from ..ops.gemm_choice import gemm_mode
 
-        # Which GEMM path each shape took (measured on this GPU on first use; see altclip_fast.gemm_choice).
+        # Which GEMM path each shape took (measured on this GPU on first use; see altclip_fast.ops.gemm_choice).
         meta["gemm_mode"] = gemm_mode()
         meta["gemm_paths"] = get_ops("triton").gemm_paths.report()
     else:
@@ -370,9 +447,46 @@ def run(args: argparse.Namespace) -> int:
 
         # CPU allocations have no per-model counter: report the process's peak resident set instead.
         meta["process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    table.summary(meta, report["results"], accuracy)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("altclip-fast bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    settings = Settings.from_args(args, device)
+    transformers = _import_transformers()
+    compare = transformers is not None and not args.no_transformers
+    oracle = None if args.no_check else ("transformers" if transformers is not None else "altclip_fast")
+    notes = []
+    if transformers is None and not args.no_transformers:
+        notes.append("transformers is not installed: the comparison is skipped (pip install transformers)")
+    if oracle == "altclip_fast":
+        notes.append("transformers is not installed: accuracy is checked against altclip_fast in fp32, "
+                     "a self-check, not parity with transformers")
+
+    with tempfile.TemporaryDirectory(prefix="altclip-bench-") as tmp:
+        models = _load_models(args, settings, compare, oracle == "transformers", tmp)
+        texts = mixed_length_texts(models.config, args.texts, args.min_tokens, args.max_tokens, args.seed) if args.texts else None
+        accuracy = None if oracle is None else _check(args, models, transformers, settings)
+        models.state = None
+        gc.collect()
+
+        meta = _meta(settings, models, transformers, oracle, notes)
+        report = _Report(meta, model_bytes(models.fast), accuracy, args.json, compare, settings.gpu)
+        for b in settings.batches:
+            report.record(_image_row(models, b, settings, args.seed))
+        if texts is not None:
+            report.record(_text_row(models, texts, settings, args))
+        if settings.gpu and not args.no_cuda_graphs:
+            # Last: a failed capture can leave the CUDA context unusable for what would follow it.
+            report.record(_cuda_graph_row(models, settings, args.seed, notes))
+
+    _device_memory(meta, settings.gpu)
+    report.finish(model_bytes(models.fast))
     return 0
 
 
@@ -390,14 +504,24 @@ def _graphed_runners(runners: dict, notes: list) -> dict | None:
     return graphed if "altclip_fast" in graphed else None
 
 
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _memory_line(memory: dict) -> str:
+    return (f"altclip_fast model memory: {_mb(memory['parameters'])} parameters (checkpoint) + "
+            f"{_mb(memory['derived'])} derived = {_mb(memory['resident'])} resident")
+
+
 class _Table:
     """The human-readable report: a header, one line per workload as it is measured, then a summary."""
 
-    def __init__(self, meta, compare, gpu):
+    def __init__(self, meta, memory, compare, gpu):
         self.compare = compare
         print(f"altclip-fast bench: {meta['weights']}, {meta['dtype']}, {meta['device']}, torch {meta['torch']}"
               + (f", transformers {meta['transformers']}" if meta["transformers"] else "")
               + f", median of {meta['rounds']} interleaved rounds")
+        print(_memory_line(memory))
         for note in meta["notes"]:
             print(f"note: {note}")
         header = f"{'workload':<50} {'altclip_fast':>17}"
@@ -420,7 +544,8 @@ class _Table:
             line += f" {r['altclip_fast']['peak_mem_mb']:>12.0f}{theirs}"
         print(line, flush=True)
 
-    def summary(self, meta, results, accuracy) -> None:
+    def summary(self, meta, memory, results, accuracy) -> None:
+        print(_memory_line(memory))
         if meta.get("process_peak_rss_mb"):
             print(f"peak memory (CPU: whole process, every model loaded): {meta['process_peak_rss_mb']:.0f} MB")
         for r in results:
@@ -437,7 +562,8 @@ class _Table:
             print(f"GEMM path forced by ALTCLIP_FAST_GEMM={meta['gemm_mode']}")
         if accuracy:
             for name, err in accuracy.items():
-                print(f"max |error| vs fp32 reference, {name}: image embeds {err['image_embeds_max_abs']:.2e}, "
+                print(f"max |error| vs fp32 reference ({meta['oracle']}), {name}: "
+                      f"image embeds {err['image_embeds_max_abs']:.2e}, "
                       f"text embeds {err['text_embeds_max_abs']:.2e}")
 
 

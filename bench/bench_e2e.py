@@ -1,4 +1,4 @@
-"""End-to-end benchmark of altclip_fast against transformers: see altclip_fast/benchmark.py.
+"""End-to-end benchmark of altclip_fast against transformers: see altclip_fast/apps/benchmark.py.
 
     python bench/bench_e2e.py --quick            # same as `altclip-fast bench --quick`
 """

@@ -35,7 +35,7 @@ run 40 python -c "import torch, triton, transformers; print('torch', torch.__ver
 if [[ $stage == e2e || $stage == all ]]; then
     run 330 python -m altclip_fast.apps.benchmark --dtype bf16 --json "$OUT/e2e.json"
     # The default measures, per GEMM shape, the Triton kernel against cuBLAS + torch epilogue and keeps
-    # the faster (altclip_fast.gemm_choice; the picks are in e2e.json). This run forces the Triton GEMMs
+    # the faster (altclip_fast.ops.gemm_choice; the picks are in e2e.json). This run forces the Triton GEMMs
     # everywhere, to show what the measured choice buys.
     ALTCLIP_FAST_GEMM=triton run 180 python -m altclip_fast.apps.benchmark --dtype bf16 --no-check --no-cuda-graphs \
         --json "$OUT/e2e-triton-gemm.json"

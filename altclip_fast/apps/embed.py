@@ -210,8 +210,8 @@ def collate_crops(batch):
 
 
 def default_workers() -> int:
-    """One worker per spare core (up to 16): on a GPU, decoding and resizing camera-sized photos
-    (a few to a few tens per second per core) is slower than the model, so every core helps."""
+    """One worker per spare core (up to 16): on a GPU, decoding and resizing camera-sized photos is
+    slower than the model, so every core helps (rates per core: bench/bench_preprocess.py, bench/RESULTS.md)."""
     return max(0, min(16, (os.cpu_count() or 1) - 1))
 
 

@@ -5,6 +5,9 @@ network, no labels, an empty folder, an output that exists) ends in one ``altcli
 line and a non-zero exit: 2 for a wrong command line or input, 1 for a failure while running.
 The arguments and inputs are checked before the model is loaded, so these errors come back fast
 (those that need no model directory before torch is even imported).
+
+``embed`` lives in altclip_fast.apps.embed; ``altclip-fast bench`` is the end-to-end benchmark
+(altclip_fast.apps.benchmark, also ``python -m altclip_fast.apps.benchmark``).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
+from . import _runtime
 from ._validate import check_tensor
 
 __all__ = ["attention"]
@@ -174,16 +174,15 @@ def _attention_fwd(
 
 # --- launch configuration -------------------------------------------------------------------------------
 
-# Under TRITON_INTERPRET=1 `triton.jit` returns an interpreter object instead of a JITFunction. Autotuning
-# there would only re-run numpy code per config, so the interpreter gets this one fixed config; 32 x 32
-# blocks still exercise interior blocks and ragged tails at the small lengths tests use.
-INTERPRETED = not isinstance(_attention_fwd, JITFunction)
+_runtime.check_same_mode(_attention_fwd)
+
+# Under TRITON_INTERPRET=1 autotuning would only re-run numpy code per config, so the interpreter gets
+# this one fixed config; 32 x 32 blocks still exercise interior blocks and ragged tails at the small
+# lengths tests use.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
 
-# Shared memory per block on A100 is 163 KiB (H100: 227 KiB); keep a little for the compiler's scratch.
 # The estimate in `_smem_bytes` is what sm_90 cubins report exactly (sm_80 ones use less), measured with
 # tests/kernels/test_attention_aot.py.
-_SMEM_BUDGET = 160 * 1024
 _MAX_STAGES = 3
 
 
@@ -223,9 +222,9 @@ def _keep(config: triton.Config, block_d: int, elem_bytes: int) -> bool:
     if (bm * block_d + bm * bn) // (32 * warps) > 96:
         return False
     # The pipeline depth is not tuned: take the deepest that fits, since a deeper one only costs smem.
-    if _smem_bytes(bm, bn, stages, block_d, elem_bytes) > _SMEM_BUDGET:
+    if _smem_bytes(bm, bn, stages, block_d, elem_bytes) > _runtime.SMEM_BUDGET:
         return False
-    return stages == _MAX_STAGES or _smem_bytes(bm, bn, stages + 1, block_d, elem_bytes) > _SMEM_BUDGET
+    return stages == _MAX_STAGES or _smem_bytes(bm, bn, stages + 1, block_d, elem_bytes) > _runtime.SMEM_BUDGET
 
 
 _ALL_CONFIGS = [
@@ -330,7 +329,7 @@ def _attention_op(
     def grid(meta):
         return (batch * heads, triton.cdiv(max_seqlen, meta["BLOCK_M"]))
 
-    if INTERPRETED:
+    if _runtime.INTERPRETED:
         _attention_fwd[grid](*args, **flags, **INTERPRETER_CONFIG)  # see the note above the op
     else:
         kernel = _tuned_kernel(*_tile_class(head_dim, q.element_size()))
@@ -350,11 +349,7 @@ def _check_inputs(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale) -> N
         check_tensor(name, t, ndim=rank, device=q.device)
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-    if not (q.is_cuda or INTERPRETED):
-        raise ValueError(
-            f"q is on {q.device}: kernels.attention needs CUDA tensors "
-            "(CPU tensors run only under TRITON_INTERPRET=1, set before importing kernels)"
-        )
+    _runtime.check_device("q", q, "kernels.attention")
     head_dim = q.shape[-1]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim} (layout {layout})")

@@ -26,9 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
-from . import _validate
+from . import _runtime, _validate
 
 __all__ = ["add_layer_norm", "launch_config", "MAX_HIDDEN"]
 
@@ -75,7 +74,7 @@ def _add_layer_norm_fwd(
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-INTERPRETED = not isinstance(_add_layer_norm_fwd, JITFunction)
+_runtime.check_same_mode(_add_layer_norm_fwd)
 
 
 def launch_config(n: int) -> dict:
@@ -112,7 +111,7 @@ def _add_layer_norm_op(
         cfg = launch_config(n)
         block_m = cfg["BLOCK_M"]
         # Interpreted kernels are called directly: torch < 2.13's wrap_triton rejects them.
-        kernel = _add_layer_norm_fwd if INTERPRETED else torch.library.wrap_triton(_add_layer_norm_fwd)
+        kernel = _add_layer_norm_fwd if _runtime.INTERPRETED else torch.library.wrap_triton(_add_layer_norm_fwd)
         kernel[(triton.cdiv(m, block_m),)](
             x2, x_bias, r2, weight, bias, y, s,
             m, n,
@@ -131,11 +130,7 @@ def _check_inputs(x, weight, bias, residual, x_bias, eps) -> None:
     _validate.check_tensor("x", x, dtypes=_validate.FLOAT_DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
-    if not (x.is_cuda or INTERPRETED):
-        raise ValueError(
-            f"x is on {x.device}: add_layer_norm runs on CUDA tensors "
-            "(CPU tensors run only under TRITON_INTERPRET=1, set before importing kernels)"
-        )
+    _runtime.check_device("x", x, "add_layer_norm")
     n = x.shape[-1]
     if n > MAX_HIDDEN:
         raise ValueError(f"x's last dimension is {n}; add_layer_norm supports at most {MAX_HIDDEN}")

@@ -22,14 +22,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.jit import JITFunction
 
-from . import _validate
+from . import _runtime, _validate
+from .activations import EPILOGUE_CODES as ACTIVATIONS, QUICK_GELU_ALPHA
 
 __all__ = ["linear", "autotune_configs", "ACTIVATIONS", "INTERPRETER_CONFIG"]
 
-# Activation name -> the constexpr code the kernel branches on at compile time.
-ACTIVATIONS = {None: 0, "gelu": 1, "quick_gelu": 2}
+_ALPHA = tl.constexpr(QUICK_GELU_ALPHA)  # a jitted function reads globals only as constexpr
 
 
 # M_BUCKET only keys the autotuner; specialising on it (== 1, % 16) would compile needless variants.
@@ -101,7 +100,7 @@ def _epilogue(acc, offs_m, offs_n, M, N, BIAS, RESIDUAL, Y, stride_rm, stride_ym
     if ACTIVATION == 1:  # exact GELU
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACTIVATION == 2:  # quick GELU
-        acc = acc * tl.sigmoid(1.702 * acc)
+        acc = acc * tl.sigmoid(acc * _ALPHA)
     out_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     rows = offs_m[:, None].to(tl.int64)
     if HAS_RESIDUAL:
@@ -109,16 +108,13 @@ def _epilogue(acc, offs_m, offs_n, M, N, BIAS, RESIDUAL, Y, stride_rm, stride_ym
     tl.store(Y + rows * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
-INTERPRETED = not isinstance(_linear_fwd, JITFunction)
+_runtime.check_same_mode(_linear_fwd)
 
 # Under TRITON_INTERPRET=1 autotuning would time numpy code; one fixed config covers the masking
 # paths instead: 32 x 32 x 16 tiles make the test shapes span several row, column and K blocks.
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4, "EPILOGUE_SPLIT": 2}
 
-# Shared memory the pruning budgets for: the smaller of A100's 163 KiB and H100's 227 KiB per block,
-# less headroom. tests/kernels/test_linear_aot.py checks every kept config against the compiler's own
-# figure on both targets (the estimate is exact on sm_90 and conservative on sm_80).
-_SMEM_BUDGET = 160 * 1024
+# _smem_estimate is exact on sm_90 and conservative on sm_80 (tests/kernels/test_linear_aot.py).
 
 
 def _smem_estimate(block_m: int, block_n: int, block_k: int, stages: int, elem_bytes: int) -> int:
@@ -142,7 +138,7 @@ def _keep(block_m: int, block_n: int, block_k: int, stages: int, warps: int, ele
     # accumulator: thick K slices or 128 accumulators per thread spill there (measured on sm_80).
     if fma and (block_k > 32 or tile // (32 * warps) > 64):
         return False
-    return _smem_estimate(block_m, block_n, block_k, stages, elem_bytes) <= _SMEM_BUDGET
+    return _smem_estimate(block_m, block_n, block_k, stages, elem_bytes) <= _runtime.SMEM_BUDGET
 
 
 _MAX_BLOCK_K = 64
@@ -176,7 +172,7 @@ _TUNED_VARIANTS = {
 _TUNED = {
     name: triton.autotune(configs=autotune_configs(dtype, precision), key=_AUTOTUNE_KEY)(_linear_fwd)
     for name, (dtype, precision) in _TUNED_VARIANTS.items()
-} if not INTERPRETED else {}
+} if not _runtime.INTERPRETED else {}
 
 
 def _variant(dtype: torch.dtype, input_precision: str) -> str:
@@ -227,7 +223,7 @@ def _linear_op(
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        if INTERPRETED:
+        if _runtime.INTERPRETED:
             # Interpreted kernels are called directly: torch < 2.13's wrap_triton rejects them.
             _linear_fwd[grid](*args, **flags, **INTERPRETER_CONFIG)
         else:
@@ -240,11 +236,7 @@ def _check_inputs(x, weight, bias, activation, residual) -> None:
     _validate.check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dim [..., in_features], got shape {tuple(x.shape)}")
-    if not (x.is_cuda or INTERPRETED):
-        raise ValueError(
-            f"x is on {x.device}: linear runs on CUDA tensors "
-            "(CPU tensors run only under TRITON_INTERPRET=1, set before importing kernels)"
-        )
+    _runtime.check_device("x", x, "linear")
     _validate.check_tensor("weight", weight, ndim=2, device=x.device, dtype=x.dtype)
     k = x.shape[-1]
     n = weight.shape[0]

@@ -94,7 +94,7 @@ def test_device_mismatch():
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     if DEVICE == "cuda":
         pytest.skip("checks the CPU path")
-    monkeypatch.setattr(attention_module, "INTERPRETED", False)
+    monkeypatch.setattr(importlib.import_module("altclip_fast.kernels._runtime"), "INTERPRETED", False)
     with _raises(ValueError, "q", "cpu", "CUDA"):
         attention(*_padded())
 

@@ -1,6 +1,6 @@
 """pytest-benchmark: the CPU op path of the fast model against plain torch, at BAAI/AltCLIP shapes.
 
-Each fused op the encoder layer calls through ``altclip_fast.ops.dispatch`` (torch backend) is timed next
+Each fused op the encoder layer calls through ``altclip_fast.ops`` (torch backend) is timed next
 to the unfused torch sequence transformers runs for the same math, one ViT-L/14 batch of 8 images
 (2056 token rows, hidden 1024, FFN 4096). It shows where the CPU gains of the end-to-end benchmark
 come from; the GPU counterparts are bench_attention.py, bench_layer_norm.py and bench_linear.py.
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from altclip_fast.ops.dispatch import PaddedLayout, get_ops
+from altclip_fast.ops import PaddedLayout, get_ops
 
 ROWS, HIDDEN, FFN, HEADS, IMAGES, TOKENS = 8 * 257, 1024, 4096, 16, 8, 257
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -43,9 +43,10 @@ def cases(dtype):
     h = F.linear(x, w1, b1)
     qkv = F.linear(x, wqkv, bqkv)
     layout = PaddedLayout(IMAGES, TOKENS)
-    # The fast path folds quick_gelu into silu for bf16 (weights pre-scaled at load); time what it runs.
-    fold = ops.folds_quick_gelu(x.device, dtype)
-    act = "silu" if fold else "quick_gelu"
+    # Time what the model runs: the weights as the backend's prepare step derives them at load (in bf16,
+    # pre-blocked for oneDNN, with quick_gelu folded into SiLU).
+    f1, fb1, f2, act = ops.prepare_mlp(w1, b1, w2, "quick_gelu")
+    f1, f2, fqkv, fo = (ops.prepare_weight(w) for w in (f1, f2, wqkv, wo))
 
     def sdpa_baseline():
         q, k, v = qkv.view(IMAGES, TOKENS, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
@@ -53,14 +54,14 @@ def cases(dtype):
         return out.transpose(1, 2).reshape(ROWS, HIDDEN)
 
     return {
-        "fc1+quick_gelu": (lambda: ops.linear(x, w1, b1, activation=act), lambda: quick_gelu(F.linear(x, w1, b1))),
-        "fc2+residual": (lambda: ops.linear(h, w2, b2, residual=res), lambda: F.linear(h, w2, b2) + res),
+        "fc1+quick_gelu": (lambda: ops.linear(x, f1, fb1, activation=act), lambda: quick_gelu(F.linear(x, w1, b1))),
+        "fc2+residual": (lambda: ops.linear(h, f2, b2, residual=res), lambda: F.linear(h, w2, b2) + res),
         "out_proj+add+layer_norm": (
-            lambda: ops.linear_add_layer_norm(x, wo, bo, res, ln_w, ln_b, 1e-5, return_sum=True),
+            lambda: ops.linear_add_layer_norm(x, fo, bo, res, ln_w, ln_b, 1e-5, return_sum=True),
             lambda: (lambda s: (F.layer_norm(s, (HIDDEN,), ln_w, ln_b, 1e-5), s))(F.linear(x, wo, bo) + res),
         ),
         "qkv (fused vs 3 GEMMs)": (
-            lambda: ops.linear(x, wqkv, bqkv),
+            lambda: ops.linear(x, fqkv, bqkv),
             lambda: [F.linear(x, w, b) for w, b in zip(wqkv.chunk(3), bqkv.chunk(3))],
         ),
         "attention 257 tokens": (lambda: ops.attention(qkv, HEADS, layout, (HIDDEN // HEADS) ** -0.5), sdpa_baseline),

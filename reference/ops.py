@@ -102,7 +102,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return (0.5 * xf * (1.0 + torch.erf(xf / math.sqrt(2.0)))).to(x.dtype)
 
 
-# The oracle's own copy (the fast model's is in altclip_fast.ops): a shared bug would hide from parity tests.
+# The oracle's own copy, deliberately independent (the fast model's is altclip_fast.kernels.activations): a shared bug would hide from parity tests.
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """``x * sigmoid(1.702 x)``, as CLIP's vision tower uses."""
     xf = x.float()

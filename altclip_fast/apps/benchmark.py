@@ -436,7 +436,7 @@ class _Report:
 def _device_memory(meta: dict, gpu: bool) -> None:
     """What the device's memory report says, into ``meta``."""
     if gpu:
-        from ..ops.dispatch import get_ops
+        from ..ops import get_ops
         from ..ops.gemm_choice import gemm_mode
 
         # Which GEMM path each shape took (measured on this GPU on first use; see altclip_fast.ops.gemm_choice).

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ConfigError
+# Activations the towers may use: the kernels' list (a Triton-free module), which the reference also implements.
+from ..kernels.activations import ACTIVATIONS
 from ..model_files import read_json, resolve_model_dir
 
 __all__ = ["AltCLIPTextConfig", "AltCLIPVisionConfig", "AltCLIPConfig", "ACTIVATIONS"]
-
-# Activations the towers may use; both the reference and the fused kernels implement exactly these.
-ACTIVATIONS = ("gelu", "quick_gelu")
 
 # transformers' AltCLIPVisionConfig defaults that differ from BAAI/AltCLIP (ViT-B/32 vs ViT-L/14).
 _TRANSFORMERS_VISION_DEFAULTS = {

@@ -3,10 +3,11 @@ AltCLIPVisionModel.
 
 What makes it fast, all invisible in the outputs:
 
-- Weights are re-laid out once at load: one QKV matrix per layer; on CPU in bf16/fp16, the vision
-  MLP's quick_gelu folded into a SiLU that oneDNN fuses into the GEMM (see ``dispatch``). Conversion
-  to the model's dtype happens once, there too.
-- Every op goes through ``dispatch``: Triton kernels on CUDA, the fastest torch path on CPU.
+- Weights are re-laid out once at load: one QKV matrix per layer. Conversion to the model's dtype
+  happens once, there too.
+- Every op goes through one op set (``altclip_fast.ops``), resolved once per model: Triton kernels on
+  CUDA, the fastest torch path on CPU. Its prepare step derives the forms of the weights it runs
+  fastest (see ``AltCLIPModel``); the parameters keep the checkpoint's values.
 - Text runs unpadded: pad tokens are dropped before the embeddings, real tokens are packed, and
   attention is varlen over ``cu_seqlens``. Position ids are computed on the padded grid exactly as
   RoBERTa does, so a text's embedding does not depend on its batch.
@@ -42,8 +43,8 @@ from torch import nn
 from ..dtypes import resolve_dtype
 from .checkpoint import check_state_dict, load_checkpoint, load_into
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
-from ..ops.dispatch import PackedLayout, PaddedLayout, get_ops, resolve_backend
-from .layers import EncoderLayer
+from ..ops import PackedLayout, PaddedLayout, get_ops, resolve_backend
+from .layers import EncoderLayer, derived_nbytes
 from .weights import (
     checkpoint_shapes_for, fuse_state_dict, model_key_map, prefixed, split_state_dict, text_key_map, vision_key_map,
 )
@@ -70,23 +71,23 @@ def _load_fused(module: nn.Module, mapping, state_dict, *, dtype, device, source
     assign them. Every checkpoint key is consumed and every parameter filled, or CheckpointError."""
     check_state_dict(checkpoint_shapes_for(mapping, _param_shapes(module)), state_dict, source)
     fast = fuse_state_dict(mapping, state_dict)
-    _fold_for_device(module, fast, dtype=dtype, device=device)
-    load_into(module, fast, dtype=dtype, device=device, source=source)
+    owners = [m for m in module.modules() if isinstance(m, (_Tower, AltCLIPModel))]
+    for m in owners:  # load_state_dict's post-hook would prepare from the converted parameters
+        m._defer_prepare = True
+    try:
+        load_into(module, fast, dtype=dtype, device=device, source=source)
+    finally:
+        for m in owners:
+            m._defer_prepare = False
+    # Derive from the checkpoint's own tensors: a fold is then rounded once, as plain weights are.
+    params = dict(module.named_parameters())
+    module.prepare(sources={params[name]: tensor for name, tensor in fast.items()})
 
 
-def _fold_for_device(module: nn.Module, fast: dict[str, torch.Tensor], *, dtype, device) -> None:
-    """Fold quick_gelu into SiLU where the target backend wants it, in fp32 before the dtype
-    conversion, so the folded weights are rounded once, as plain ones are."""
-    device = torch.device(device if device is not None else "cpu")
-    ops = get_ops(resolve_backend(getattr(module, "backend", None), device))
-    if not ops.folds_quick_gelu(device, dtype):
-        return
-    for prefix, layer in module.named_modules():
-        if isinstance(layer, EncoderLayer) and layer.activation == "quick_gelu":
-            for name, factor in layer.quick_gelu_fold_factors(True):
-                key = f"{prefix}.{name}"
-                fast[key] = fast[key].float() * factor
-            layer.quick_gelu_folded = True
+def _prepare_after_load(module, incompatible_keys) -> None:
+    """load_state_dict post-hook: new parameter values need new derived forms."""
+    if not module._defer_prepare:
+        module.prepare()
 
 
 def _dtype_arg(dtype, torch_dtype):
@@ -147,9 +148,35 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
 
 
 class _Tower(nn.Module):
-    """What both towers share: dtype/device/backend bookkeeping and loading."""
+    """What both towers share: dtype/device/backend bookkeeping, the prepare step, loading.
 
-    backend: str | None
+    ``ops`` is the op set resolved for the tower's device and ``backend``; ``prepare`` resolves it and
+    derives the backend's forms of the weights. It runs by itself when the tower is built, loaded
+    (``from_pretrained``, ``load_state_dict``), moved or converted (``.to()``, ``.half()`` ...) and when
+    ``backend`` is set; call it yourself after changing parameters in place.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._backend = None
+        self.ops = None
+        self._prepared: dict[str, torch.Tensor] = {}  # derived forms of the tower's own GEMM weights
+        self._defer_prepare = False
+        self.register_load_state_dict_post_hook(_prepare_after_load)
+
+    @property
+    def backend(self) -> str | None:
+        """``None`` (auto: ``$ALTCLIP_FAST_BACKEND``, else Triton on CUDA and torch on CPU), ``"auto"``,
+        ``"torch"`` or ``"triton"``. Setting it re-resolves the op set and re-prepares the weights."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        if value is not None:
+            resolve_backend(value, "cpu")  # a bad name fails here, not at the first forward
+        self._backend = value
+        if "layers" in self._modules:
+            self.prepare()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,8 +186,36 @@ class _Tower(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].qkv.weight.device
 
-    def _ops(self):
-        return get_ops(resolve_backend(self.backend, self.device))
+    def _own_weights(self) -> dict[str, torch.Tensor]:
+        """The tower's GEMM weights outside its layers, as ``ops.linear`` takes them."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def prepare(self, sources=None) -> None:
+        """Resolve the backend for the current device (``$ALTCLIP_FAST_BACKEND`` and
+        ``$ALTCLIP_FAST_GEMM`` are read now) and derive the backend's forms of the weights.
+        ``sources``: parameter -> the checkpoint tensor it was loaded from (see ``EncoderLayer.prepare``)."""
+        device = self.device
+        self.ops = get_ops(resolve_backend(self._backend, device))
+        ops = None if device.type == "meta" else self.ops
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            layer.prepare(ops, sources, query_rows=i == last)
+        self._prepared = {} if ops is None else {k: ops.prepare_weight(w) for k, w in self._own_weights().items()}
+
+    def _weight(self, name: str) -> torch.Tensor:
+        hit = self._prepared.get(name)
+        return hit if hit is not None else self._own_weights()[name]
+
+    def derived_nbytes(self) -> int:
+        """Bytes held by the backend's derived copies of this tower's weights (see ``AltCLIPModel``)."""
+        own = derived_nbytes(self._prepared.values(), self.parameters())
+        return own + sum(layer.derived_nbytes() for layer in self.layers)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.prepare()  # new device or dtype: maybe another backend, certainly new derived forms
+        return out
 
     def _run_layers(self, x, layout, ops, *, keep_rows, output_attentions, output_hidden_states, to_grid):
         hidden_states = [to_grid(x)] if output_hidden_states else None
@@ -202,6 +257,10 @@ class AltCLIPTextModel(_Tower):
         )
         self.final_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, **kw)
         self.transformation = nn.Linear(h, config.project_dim, **kw)
+        self.prepare()
+
+    def _own_weights(self) -> dict[str, torch.Tensor]:
+        return {"transformation.weight": self.transformation.weight}
 
     @classmethod
     def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None):
@@ -287,7 +346,7 @@ class AltCLIPTextModel(_Tower):
     def _head(self, x, ops):
         """``pre_LN`` then ``transformation``, on every row given."""
         x = ops.layer_norm(x, self.final_norm.weight, self.final_norm.bias, self.config.layer_norm_eps)
-        return ops.linear(x, self.transformation.weight, self.transformation.bias)
+        return ops.linear(x, self._weight("transformation.weight"), self.transformation.bias)
 
     def encode(
         self,
@@ -308,7 +367,7 @@ class AltCLIPTextModel(_Tower):
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
         )
         batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        device, ops = self.device, self._ops()
+        device, ops = self.device, self.ops
         pos = self._position_ids(input_ids, position_ids, batch, seqlen, device)
         grid = _TextGrid.choose(keep, batch, seqlen, output_attentions=output_attentions)
         x = self._embed(grid, ops, input_ids, inputs_embeds, token_type_ids, pos)
@@ -391,6 +450,10 @@ class AltCLIPVisionModel(_Tower):
             for _ in range(config.num_hidden_layers)
         )
         self.post_norm = nn.LayerNorm(h, eps=config.layer_norm_eps, **kw)
+        self.prepare()
+
+    def _own_weights(self) -> dict[str, torch.Tensor]:
+        return {"patch_embedding": self.patch_embedding.view(self.config.hidden_size, -1)}
 
     @classmethod
     def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None):
@@ -441,7 +504,7 @@ class AltCLIPVisionModel(_Tower):
         if pooled_only and (output_attentions or output_hidden_states):
             raise ValueError("pooled_only computes no per-layer outputs")
         cfg = self.config
-        device, dtype, ops = self.device, self.dtype, self._ops()
+        device, dtype, ops = self.device, self.dtype, self.ops
         if pixel_values.dim() != 4 or pixel_values.shape[1] != cfg.num_channels:
             raise ValueError(
                 f"pixel_values must be [batch, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}], "
@@ -463,7 +526,7 @@ class AltCLIPVisionModel(_Tower):
             .permute(0, 2, 4, 1, 3, 5)
             .reshape(batch * grid * grid, -1)
         )
-        patch_embeds = ops.linear(patches, self.patch_embedding.view(h, -1))
+        patch_embeds = ops.linear(patches, self._weight("patch_embedding"))
         x = torch.empty((batch, seqlen, h), device=device, dtype=dtype)
         x[:, 0] = self.class_embedding
         x[:, 1:] = patch_embeds.view(batch, grid * grid, h)
@@ -490,27 +553,80 @@ class AltCLIPVisionModel(_Tower):
 
 
 class AltCLIPModel(nn.Module):
-    """Both towers, their projections and the learned temperature. Same API as ``reference.AltCLIPModel``."""
+    """Both towers, their projections and the learned temperature. Same API as ``reference.AltCLIPModel``.
+
+    The backend (``backend``, else ``$ALTCLIP_FAST_BACKEND``, else by device) is resolved once: when the
+    model is built or loaded, moved or converted (``.to()``, ``.cuda()``, ``.half()`` ...), loaded into
+    (``load_state_dict``), or given another ``backend``. Each time, the backend's prepare step also
+    derives the forms of the weights it runs fastest, kept next to the parameters (never in
+    ``state_dict``, which holds the checkpoint's values) and counted by ``derived_nbytes()``:
+
+    - torch backend, CPU, bf16/fp16 (where oneDNN's fused GEMM works): every GEMM weight pre-blocked
+      for oneDNN, so no GEMM re-blocks its weight per call (a copy of each GEMM weight, and of the
+      last layers' query and key/value parts of QKV, which the pooled-only path runs separately); and
+      the vision MLP's quick_gelu folded into SiLU, which oneDNN fuses into fc1 (fc1 scaled by 1.702,
+      fc2's weight by 1/1.702, derived in fp32 from the checkpoint at load so rounded once).
+    - otherwise (fp32, CUDA, the Triton backend): nothing; ``derived_nbytes()`` is 0.
+
+    After changing parameters in place, call ``prepare()``.
+    """
 
     def __init__(self, config: AltCLIPConfig, *, backend: str | None = None, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.config = config
+        self._prepared: dict[str, tuple] = {}  # projection -> (the op set it was prepared for, its weight)
+        self._defer_prepare = False
+        self.register_load_state_dict_post_hook(_prepare_after_load)
         self.text_model = AltCLIPTextModel(config.text_config, backend=backend, **kw)
         self.vision_model = AltCLIPVisionModel(config.vision_config, backend=backend, **kw)
         self.text_projection = nn.Linear(config.text_config.project_dim, config.projection_dim, bias=False, **kw)
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim, bias=False, **kw)
         self.logit_scale = nn.Parameter(torch.empty((), **kw))
+        self._prepare_projections()
 
     @property
     def backend(self) -> str | None:
-        """``None`` (auto: ``$ALTCLIP_FAST_BACKEND``, else Triton on CUDA and torch on CPU), ``"torch"``
-        or ``"triton"``."""
+        """``None`` (auto: ``$ALTCLIP_FAST_BACKEND``, else Triton on CUDA and torch on CPU), ``"auto"``,
+        ``"torch"`` or ``"triton"``. Setting it re-resolves the op set and re-prepares the weights."""
         return self.text_model.backend
 
     @backend.setter
     def backend(self, value: str | None) -> None:
         self.text_model.backend = self.vision_model.backend = value
+        self._prepare_projections()
+
+    @torch.no_grad()
+    def prepare(self, sources=None) -> None:
+        """Resolve the backend for the current device and derive the backend's forms of the weights
+        (see the class docstring). ``sources``: parameter -> the checkpoint tensor it was loaded from."""
+        self.text_model.prepare(sources)
+        self.vision_model.prepare(sources)
+        self._prepare_projections()
+
+    @torch.no_grad()
+    def _prepare_projections(self) -> None:
+        self._prepared = {}
+        if self.device.type == "meta":
+            return
+        for name, tower in (("text_projection", self.text_model), ("visual_projection", self.vision_model)):
+            self._prepared[name] = (tower.ops, tower.ops.prepare_weight(getattr(self, name).weight))
+
+    def _projection(self, name: str, ops) -> torch.Tensor:
+        """The projection's weight as ``ops`` takes it: its derived form if prepared for ``ops``."""
+        prepared_for, weight = self._prepared.get(name, (None, None))
+        return weight if prepared_for is ops else getattr(self, name).weight
+
+    def derived_nbytes(self) -> int:
+        """Bytes held by the backend's derived copies of the weights (see the class docstring); 0 when
+        the backend runs the parameters themselves."""
+        own = derived_nbytes((w for _, w in self._prepared.values()), self.parameters())
+        return own + self.text_model.derived_nbytes() + self.vision_model.derived_nbytes()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)  # the towers re-prepare themselves
+        self._prepare_projections()
+        return out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -557,13 +673,15 @@ class AltCLIPModel(nn.Module):
     def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None, token_type_ids=None):
         """``[batch, projection_dim]`` text embeddings (not normalised), as transformers 4 returns them."""
         pooled = self.text_model.encode(input_ids, attention_mask, token_type_ids, position_ids, pooled_only=True)
-        return self.text_model._ops().linear(pooled, self.text_projection.weight)
+        ops = self.text_model.ops
+        return ops.linear(pooled, self._projection("text_projection", ops))
 
     @torch.no_grad()
     def get_image_features(self, pixel_values=None):
         """``[batch, projection_dim]`` image embeddings (not normalised), as transformers 4 returns them."""
         pooled = self.vision_model.encode(pixel_values, pooled_only=True)
-        return self.vision_model._ops().linear(pooled, self.visual_projection.weight)
+        ops = self.vision_model.ops
+        return ops.linear(pooled, self._projection("visual_projection", ops))
 
     @torch.no_grad()
     def forward(
@@ -587,9 +705,9 @@ class AltCLIPModel(nn.Module):
             input_ids, attention_mask, token_type_ids, position_ids,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
         )
-        ops = self.text_model._ops()
-        image_embeds = ops.linear(vision_out.pooler_output, self.visual_projection.weight)
-        text_embeds = ops.linear(text_out.pooler_output, self.text_projection.weight)
+        text_ops, vision_ops = self.text_model.ops, self.vision_model.ops
+        image_embeds = vision_ops.linear(vision_out.pooler_output, self._projection("visual_projection", vision_ops))
+        text_embeds = text_ops.linear(text_out.pooler_output, self._projection("text_projection", text_ops))
         image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
         text_embeds = text_embeds / text_embeds.norm(p=2, dim=-1, keepdim=True)
         logits_per_text = torch.matmul(text_embeds, image_embeds.t()) * self.logit_scale.exp()

@@ -8,7 +8,8 @@ shape key times both paths on the real inputs (CUDA events, median of a few runs
 also autotunes the Triton kernel) and keeps the faster for every later call of that key. Autotuners do
 the same with tile configs; this is one level up, with whole implementations as the candidates.
 
-``ALTCLIP_FAST_GEMM`` = ``auto`` (default), ``triton`` or ``torch`` forces one path everywhere.
+``ALTCLIP_FAST_GEMM`` = ``auto`` (default), ``triton`` or ``torch`` forces one path everywhere. It is
+read when a model resolves its backend (``ops.get_ops``), not per GEMM.
 Nothing is measured while torch.compile traces or a CUDA graph is captured (timing needs a sync, which
 both forbid): an unmeasured key then takes the Triton kernel. Warm the model up eagerly first.
 """
@@ -27,11 +28,12 @@ ENV_VAR = "ALTCLIP_FAST_GEMM"
 MODES = ("auto", "triton", "torch")
 
 
-def gemm_mode() -> str:
-    """``$ALTCLIP_FAST_GEMM``, validated: ``auto`` (measure per shape), ``triton`` or ``torch``."""
-    name = os.environ.get(ENV_VAR, "auto").strip().lower()
+def gemm_mode(mode: str | None = None) -> str:
+    """``mode``, else ``$ALTCLIP_FAST_GEMM``, validated: ``auto`` (measure per shape), ``triton`` or ``torch``."""
+    name = (os.environ.get(ENV_VAR, "auto") if mode is None else mode).strip().lower()
     if name not in MODES:
-        raise ValueError(f"{ENV_VAR} must be one of {', '.join(MODES)}, got {name!r}")
+        where = ENV_VAR if mode is None else "gemm"
+        raise ValueError(f"{where} must be one of {', '.join(MODES)}, got {name!r}")
     return name
 
 

@@ -1,16 +1,21 @@
-"""altclip_fast.ops.dispatch: backend selection, and each torch-backend op against reference.ops (fp32,
-both the oneDNN-fused path and the plain fallback). The Triton backend's ops are the kernels, tested
-in tests/kernels; here only how the model reaches them."""
+"""altclip_fast.ops: backend selection, each torch-backend op against reference.ops (fp32, both the
+oneDNN-fused path and the plain fallback), and the prepare step's derived forms. The Triton backend's
+ops are the kernels, tested in tests/kernels; here only how the model reaches them."""
 
 from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from altclip_fast.ops import dispatch
-
-from altclip_fast.ops import gemm_choice
+import altclip_fast.ops as dispatch
+from altclip_fast.ops import gemm_choice, onednn
+from altclip_fast.ops.torch_backend import TorchOps
 from altclip_fast.modeling.layers import EncoderLayer
 from altclip_fast.reference import ops as ref
 
@@ -20,12 +25,12 @@ ATOL, RTOL = 2e-5, 2e-5
 @pytest.fixture(params=["fused", "plain"])
 def torch_ops(request, monkeypatch):
     """The torch backend with oneDNN's fused GEMM (where this CPU has it) and with plain F.linear."""
-    ops = dispatch.TorchOps()
+    ops = TorchOps()
     if request.param == "plain":
-        monkeypatch.setattr(dispatch.TorchOps, "fused_gemm", lambda self, device, dtype: False)
-    elif dispatch.mkldnn_linear_works(torch.float32):
+        monkeypatch.setattr(TorchOps, "_onednn", staticmethod(lambda device, dtype: False))
+    elif onednn.fused_linear_works(torch.float32):
         # The model fuses only bf16/fp16 GEMMs (fp32 is faster on MKL); fp32 checks the same code exactly.
-        monkeypatch.setattr(dispatch.TorchOps, "fused_gemm", lambda self, device, dtype: device.type == "cpu")
+        monkeypatch.setattr(TorchOps, "_onednn", staticmethod(lambda device, dtype: device.type == "cpu"))
     else:
         pytest.skip("oneDNN fused linear unavailable here")
     return ops
@@ -59,10 +64,48 @@ def test_bad_backend_names_say_where_they_came_from(monkeypatch):
         dispatch.get_ops("auto")
 
 
-def test_triton_backend_refuses_cpu_tensors_without_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_triton_backend_refuses_cpu_tensors_for_compiled_kernels(monkeypatch):
+    ops = dispatch.get_ops("triton")
+    ops.kernels  # imported first: the kernels exist, and were defined for the interpreter
+    monkeypatch.setattr(importlib.import_module("altclip_fast.kernels._runtime"), "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        dispatch.get_ops("triton").layer_norm(torch.zeros(2, 4), torch.ones(4), torch.zeros(4), 1e-5)
+        ops.layer_norm(torch.zeros(2, 4), torch.ones(4), torch.zeros(4), 1e-5)
+
+
+_TRITON_ON_CPU = """
+import os, torch
+from altclip_fast.ops import get_ops
+ops = get_ops("triton")
+x, w = torch.randn(5, 32), torch.randn(16, 32)
+torch.testing.assert_close(ops.linear(x, w, activation="quick_gelu"), torch.nn.functional.linear(x, w) * torch.sigmoid(1.702 * torch.nn.functional.linear(x, w)), atol=1e-5, rtol=1e-5)
+import altclip_fast.kernels._runtime as runtime
+assert runtime.INTERPRETED
+print(repr(os.environ.get("TRITON_INTERPRET")))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter path of a machine without CUDA")
+@pytest.mark.parametrize("before", [None, "0"])
+def test_triton_backend_leaves_triton_interpret_as_it_was(before):
+    """Using the Triton backend on CPU defines the kernels for the interpreter without changing the
+    process's TRITON_INTERPRET (a fresh process: this suite sets the variable itself)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if before is not None:
+        env["TRITON_INTERPRET"] = before
+    done = subprocess.run([sys.executable, "-c", _TRITON_ON_CPU], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == repr(before)
+
+
+def test_gemm_mode_is_read_when_the_op_set_is_made(monkeypatch):
+    monkeypatch.setenv(gemm_choice.ENV_VAR, "torch")
+    ops = dispatch.get_ops("triton")
+    assert ops.gemm == "torch" and dispatch.get_ops("triton", gemm="auto").gemm == "auto"
+    monkeypatch.setenv(gemm_choice.ENV_VAR, "cutlass")
+    assert ops.gemm == "torch"  # an op set keeps its mode
+    with pytest.raises(ValueError, match="ALTCLIP_FAST_GEMM"):
+        dispatch.get_ops("triton")
 
 
 # --------------------------------------------------------------------------- torch ops vs reference.ops
@@ -142,8 +185,6 @@ def _to_cuda(layout):
 @pytest.mark.parametrize("packed", [False, True])
 def test_query_attention_is_full_attention_at_one_row_per_sequence(monkeypatch, backend, packed):
     """One query per sequence (any of its rows) over all its keys: what full attention gives that row."""
-    if backend == "triton":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     ops = dispatch.get_ops(backend)
     heads, head_dim, lengths = 2, 16, [5, 1, 9, 4]
     keep = torch.arange(9)[None] < torch.tensor(lengths)[:, None]
@@ -164,66 +205,69 @@ def test_query_attention_is_full_attention_at_one_row_per_sequence(monkeypatch, 
 
 
 def test_folded_quick_gelu_mlp_is_quick_gelu(torch_ops):
-    """Folding quick_gelu into SiLU (fc1 * 1.702, fc2.weight / 1.702) changes nothing but speed."""
+    """Folding quick_gelu into SiLU (fc1 * 1.702, fc2.weight / 1.702) changes nothing but speed, and
+    leaves the parameters alone."""
     torch.manual_seed(0)
     layer = EncoderLayer(32, 2, 50, eps=1e-5, activation="quick_gelu", pre_norm=True).eval()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = rand(2 * 6, 32, seed=10)
     layout = dispatch.PaddedLayout(2, 6)
+    fold = _Fold(torch_ops)
     with torch.no_grad():
-        layer.set_quick_gelu_folded(False)
-        plain, _ = layer(x, layout, _NoFold(torch_ops))
-        layer.set_quick_gelu_folded(True)
-        assert layer.quick_gelu_folded
-        folded, _ = layer(x, layout, _Fold(torch_ops))
-        layer.set_quick_gelu_folded(False)
-        restored, _ = layer(x, layout, _NoFold(torch_ops))
+        plain, _ = layer(x, layout, torch_ops)  # never prepared: runs the parameters
+        layer.prepare(fold)
+        assert layer.prepared["fc2.weight"] is not layer.fc2.weight and layer.derived_nbytes() > 0
+        folded, _ = layer(x, layout, fold)
+        layer.prepare(None)
+        assert layer.derived_nbytes() == 0
+        restored, _ = layer(x, layout, torch_ops)
     torch.testing.assert_close(folded, plain, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(restored, plain, atol=ATOL, rtol=RTOL)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
 
 
 class _Fold:
-    """The torch ops, forced to want (or not want) the quick_gelu fold."""
-
-    fold = True
+    """The torch ops with their fp32 GEMMs treated as fused, so prepare_mlp folds (and only that: no
+    pre-blocking, which fp32 does not have)."""
 
     def __init__(self, ops):
         self._ops = ops
 
-    def folds_quick_gelu(self, device, dtype):
-        return self.fold
+    def prepare_mlp(self, *args, **kwargs):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(TorchOps, "_onednn", staticmethod(lambda device, dtype: True))
+            return self._ops.prepare_mlp(*args, **kwargs)
+
+    def prepare_weight(self, weight):
+        return weight
 
     def __getattr__(self, name):
         return getattr(self._ops, name)
 
 
-class _NoFold(_Fold):
-    fold = False
-
-
-@pytest.mark.skipif(not dispatch.mkldnn_prepack_works(torch.bfloat16), reason="oneDNN bf16 weight prepacking unavailable")
-def test_prepacked_weights_follow_in_place_changes():
-    """The CPU path keeps a oneDNN-blocked copy of each weight; it must never serve a stale copy."""
+@pytest.mark.skipif(not onednn.prepack_works(torch.bfloat16), reason="oneDNN bf16 weight prepacking unavailable")
+def test_prepacked_weights_give_the_plain_weights_answer():
+    """The prepare step's oneDNN-blocked copy computes exactly what the plain weight does, and lives
+    nowhere on the weight itself."""
     ops = dispatch.get_ops("torch")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(37, 64, generator=gen).to(torch.bfloat16)
     w = torch.randn(48, 64, generator=gen).to(torch.bfloat16)
     b = torch.randn(48, generator=gen).to(torch.bfloat16)
+    packed = ops.prepare_weight(w)
+    assert onednn.is_prepacked(packed) and not vars(w)
     with torch.no_grad():
-        first = ops.linear(x, w, b)
-        assert torch.equal(first, torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], None))
-        assert hasattr(w, "_altclip_fast_prepacked")  # the packed copy is in use
-        w.mul_(-2)  # as set_quick_gelu_folded rescales weights in place
-        second = ops.linear(x, w, b)
-    torch.testing.assert_close(second.float(), F.linear(x.float(), w.float(), b.float()), atol=0.1, rtol=0.02)
-    assert not torch.allclose(first.float(), second.float(), atol=0.1)
+        want = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], None)
+        assert torch.equal(ops.linear(x, packed, b), want)
+        assert torch.equal(ops.linear(x, w, b), want)
+        assert torch.equal(ops.linear(x, packed, b, residual=want), ops.linear(x, w, b, residual=want))
+    assert torch.equal(packed.to_dense(), w)
 
 
 @pytest.mark.parametrize("activation", [None, "gelu", "quick_gelu"])
 def test_triton_backend_with_torch_gemms(monkeypatch, activation):
     """ALTCLIP_FAST_GEMM=torch: the Triton backend's GEMMs run in torch, its LayerNorm stays a kernel."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv(gemm_choice.ENV_VAR, "torch")
-    ops = dispatch.get_ops("triton")
+    ops = dispatch.get_ops("triton", gemm="torch")
     calls = []
     monkeypatch.setattr(ops.kernels, "linear", lambda *a, **k: calls.append("linear"))
     real_ln = ops.kernels.add_layer_norm
@@ -238,23 +282,3 @@ def test_triton_backend_with_torch_gemms(monkeypatch, activation):
     torch.testing.assert_close(y, ref.add_layer_norm(ref.linear(x, w), g, beta, residual=r, x_bias=b)[0],
                                atol=ATOL, rtol=RTOL)
     assert calls == ["ln"]  # no Triton GEMM ran
-    monkeypatch.setenv(gemm_choice.ENV_VAR, "cutlass")
-    with pytest.raises(ValueError, match="ALTCLIP_FAST_GEMM"):
-        ops.linear(x, w, b)
-
-
-@pytest.mark.skipif(not dispatch.mkldnn_prepack_works(torch.bfloat16), reason="oneDNN bf16 weight prepacking unavailable")
-def test_prepacked_view_weights_are_cached_on_their_base():
-    """A fresh view per call (the patch embedding's 2-D view of its conv weight) reuses one packed copy,
-    and an in-place change of the base reaches it."""
-    ops = dispatch.get_ops("torch")
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(9, 64, generator=gen).to(torch.bfloat16)
-    conv = torch.randn(48, 4, 4, 4, generator=gen).to(torch.bfloat16)
-    with torch.no_grad():
-        first = ops.linear(x, conv.view(48, -1))
-        again = ops.linear(x, conv.view(48, -1))
-        assert len(conv._altclip_fast_prepacked) == 1 and torch.equal(first, again)
-        conv.mul_(-1)
-        flipped = ops.linear(x, conv.view(48, -1))
-    torch.testing.assert_close(flipped.float(), -first.float(), atol=0, rtol=0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from altclip_fast.ops import dispatch
+from altclip_fast.ops.triton_backend import TritonOps
 
 from altclip_fast.ops import gemm_choice
 from altclip_fast.reference import ops as ref
@@ -89,8 +89,7 @@ INTERPRETER_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="runs th
 def test_triton_backend_keys_by_shape_and_both_paths_agree(monkeypatch, activation):
     """The measured key buckets rows to a power of two (packed text changes the count every batch), and
     the two candidates it times compute the same thing."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ops = dispatch.TritonOps()
+    ops = TritonOps()
     timer = FakeTimer({"triton": 2.0, "torch": 1.0})
     ops.gemm_paths = gemm_choice.MeasuredChoice(timer=timer)
     w, b, r = rand(24, 40, seed=2) / 6, rand(24, seed=3), rand(13, 24, seed=4)
@@ -110,9 +109,8 @@ def test_triton_backend_keys_by_shape_and_both_paths_agree(monkeypatch, activati
 @INTERPRETER_ONLY
 def test_auto_runs_the_kernels_under_the_interpreter(monkeypatch):
     """On CPU the Triton backend exists to run the kernels: auto measures nothing there."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(gemm_choice.ENV_VAR, raising=False)
-    ops = dispatch.TritonOps()
+    ops = TritonOps()
     calls = []
     real = ops.kernels.linear
     monkeypatch.setattr(ops.kernels, "linear", lambda *a, **k: calls.append("kernel") or real(*a, **k))
@@ -126,7 +124,7 @@ def test_auto_runs_the_kernels_under_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("activation", [None, "gelu", "quick_gelu"])
 def test_gpu_auto_measures_real_paths_and_stays_correct(monkeypatch, activation):
     monkeypatch.delenv(gemm_choice.ENV_VAR, raising=False)
-    ops = dispatch.TritonOps()
+    ops = TritonOps()
     x = rand(300, 256, seed=1).cuda().half()
     w, b, r = (rand(512, 256, seed=2) / 16).cuda().half(), rand(512, seed=3).cuda().half(), rand(300, 512, seed=4).cuda().half()
     got = ops.linear(x, w, b, activation=activation, residual=r)

@@ -1,5 +1,5 @@
 """Loading the fast model: every checkpoint key is consumed by the re-layout (fused QKV, folded
-quick_gelu), every parameter is filled, and a checkpoint that does not fit is a CheckpointError that
+quick_gelu, derived beside the parameters), every parameter is filled, and a checkpoint that does not fit is a CheckpointError that
 names the keys and shapes."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import torch
 
 from altclip_fast import CheckpointError
 
-from altclip_fast.ops import dispatch
+from altclip_fast.kernels.activations import QUICK_GELU_ALPHA
+from altclip_fast.ops.torch_backend import TorchOps
 from altclip_fast.modeling import model as fast
 from altclip_fast.modeling.checkpoint import canonicalize_keys
 from altclip_fast.modeling.weights import model_key_map
@@ -58,22 +59,19 @@ def test_every_parameter_comes_from_the_checkpoint(canonical):
     torch.testing.assert_close(
         params["vision_model.patch_embedding"], canonical["vision_model.embeddings.patch_embedding.weight"]
     )
-    # Every parameter equals (a concatenation of) its checkpoint tensors, up to the quick_gelu fold.
-    layer = model.vision_model.layers[0]
-    scale = dict(layer.quick_gelu_fold_factors(True)) if layer.quick_gelu_folded else {}
+    # Every parameter equals (a concatenation of) its checkpoint tensors.
     for name, sources in model_key_map(CONFIG).items():
         want = torch.cat([canonical[s] for s in sources]) if len(sources) > 1 else canonical[sources[0]]
-        factor = next((f for suffix, f in scale.items() if name.startswith("vision_model.layers.")
-                       and name.endswith(suffix)), 1.0)
-        torch.testing.assert_close(params[name], want * factor, rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(params[name], want, rtol=0, atol=0, msg=name)
 
 
 def test_quick_gelu_fold_happens_in_fp32_before_rounding(canonical):
-    if not dispatch.get_ops("torch").folds_quick_gelu(torch.device("cpu"), torch.bfloat16):
+    if not TorchOps._onednn(torch.device("cpu"), torch.bfloat16):
         pytest.skip("oneDNN fused linear unavailable: no fold on this CPU")
     model = fast.AltCLIPModel.from_state_dict(CONFIG, canonical, dtype="bf16", backend="torch")
-    got = model.vision_model.layers[0].fc1.weight
-    want = (canonical["vision_model.encoder.layers.0.mlp.fc1.weight"].float() * dispatch.QUICK_GELU_ALPHA)
+    got = model.vision_model.layers[0].prepared["fc1.weight"]
+    got = got.to_dense() if got.is_mkldnn else got
+    want = (canonical["vision_model.encoder.layers.0.mlp.fc1.weight"].float() * QUICK_GELU_ALPHA)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, want.to(torch.bfloat16))  # rounded once, from fp32
 

@@ -1,0 +1,180 @@
+"""The Triton backend: the kernels of ``altclip_fast.kernels``.
+
+On CUDA each GEMM shape runs through whichever of the Triton kernel (fused epilogue) and torch's GEMM
+(cuBLAS, epilogue in torch) measured faster for it on this GPU (see ``gemm_choice``); the ``gemm`` mode
+(``$ALTCLIP_FAST_GEMM`` when the op set is made) can force one path. Attention and LayerNorm are always
+kernels.
+
+Without CUDA the kernels can only run under Triton's interpreter. Its switch, ``TRITON_INTERPRET``, is
+read when a kernel is defined and again while an interpreted kernel runs (Triton's lazy imports and
+constexpr handling check it), so the backend sets it to 1 for exactly those moments, importing the
+kernels and each op call on interpreted kernels, and puts the previous value back after each: the
+rest of the process never sees it changed. (Not thread-safe on that path, which exists for tests.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import sys
+
+import torch
+
+from .gemm_choice import MeasuredChoice, gemm_mode
+from .layouts import PackedLayout, padded_kv
+from .torch_backend import torch_linear
+
+__all__ = ["TritonOps", "load_kernels"]
+
+_PACKAGE = "altclip_fast.kernels"
+_MODULES = ("attention", "layer_norm", "linear")
+
+
+@contextlib.contextmanager
+def _interpreter_switch(on: bool):
+    """``TRITON_INTERPRET=1`` for the duration of the block when ``on``, then the previous value."""
+    if not on:
+        yield
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def load_kernels():
+    """The kernels package with every op module imported. Without CUDA they are defined for the
+    interpreter; once any kernel module exists, the rest follow its mode."""
+    missing = [m for m in _MODULES if f"{_PACKAGE}.{m}" not in sys.modules]
+    if missing:
+        runtime = sys.modules.get(f"{_PACKAGE}._runtime")
+        interpret = runtime.INTERPRETED if runtime is not None else not torch.cuda.is_available()
+        try:
+            with _interpreter_switch(interpret):
+                for name in missing:
+                    importlib.import_module(f"{_PACKAGE}.{name}")
+        except ImportError as exc:
+            raise ImportError(
+                f"the triton backend needs Triton ({exc}); use backend='torch' or ALTCLIP_FAST_BACKEND=torch"
+            ) from exc
+    return sys.modules[_PACKAGE]
+
+
+def _kernel_op(method):
+    """An op that reaches the kernels: check the device, and switch the interpreter on around the call
+    when the kernels are interpreted."""
+
+    @functools.wraps(method)
+    def run(self, x, *args, **kwargs):
+        kernels = self.kernels
+        interpreted = kernels._runtime.INTERPRETED
+        if not x.is_cuda and not interpreted:
+            raise RuntimeError(
+                f"the triton backend got {x.device} tensors, but the kernels were compiled for CUDA "
+                "(TRITON_INTERPRET was not 1 when they were imported); use ALTCLIP_FAST_BACKEND=torch"
+            )
+        with _interpreter_switch(interpreted):
+            return method(self, x, *args, **kwargs)
+
+    return run
+
+
+class TritonOps:
+    """The fused Triton kernels. ``gemm``: ``auto`` (measure per shape on CUDA), ``triton`` or ``torch``."""
+
+    name = "triton"
+
+    def __init__(self, gemm: str | None = None):
+        self.gemm = gemm_mode(gemm)
+        self._kernels = None
+        self.gemm_paths = MeasuredChoice()  # per-shape GEMM path on CUDA, measured on first use
+
+    @property
+    def kernels(self):
+        if self._kernels is None:
+            self._kernels = load_kernels()
+        return self._kernels
+
+    # -- prepare step: the kernels take the checkpoint's weights as they are --------------------------
+
+    def prepare_weight(self, weight):
+        return weight
+
+    def prepare_mlp(self, fc1_weight, fc1_bias, fc2_weight, activation, *, sources=None):
+        return fc1_weight, fc1_bias, fc2_weight, activation
+
+    # -- ops --------------------------------------------------------------------------------------
+
+    def _gemm(self, x, weight, bias=None, *, activation=None, residual=None):
+        """``act(x @ weight.T + bias) (+ residual)`` through the Triton kernel or torch, per ``gemm_choice``."""
+        path = self.gemm
+        if path == "auto":
+            # Under the interpreter (CPU) the kernels are what this backend exists to run.
+            path = self._measured_path(x, weight, bias, activation, residual) if x.is_cuda else "triton"
+        if path == "torch":
+            return torch_linear(x, weight, bias, activation, residual)
+        return self.kernels.linear(x, weight, bias, activation=activation, residual=residual)
+
+    def _measured_path(self, x, weight, bias, activation, residual) -> str:
+        rows = x.numel() // x.shape[-1]
+        # Rows are bucketed to their power-of-two ceiling, as the kernel's autotune key does: packed
+        # text changes the exact count every batch.
+        key = (str(x.device), str(x.dtype).removeprefix("torch."), 1 << max(rows - 1, 0).bit_length(),
+               weight.shape[0], weight.shape[1], bias is not None, activation, residual is not None,
+               x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+        return self.gemm_paths.pick(key, {
+            "triton": lambda: self.kernels.linear(x, weight, bias, activation=activation, residual=residual),
+            "torch": lambda: torch_linear(x, weight, bias, activation, residual),
+        }, default="triton")
+
+    @_kernel_op
+    def linear(self, x, weight, bias=None, *, activation=None, residual=None):
+        if activation == "silu":
+            raise ValueError("the triton backend runs quick_gelu itself; silu is the torch backend's fold")
+        return self._gemm(x, weight, bias, activation=activation, residual=residual)
+
+    @_kernel_op
+    def layer_norm(self, x, weight, bias, eps):
+        return self.kernels.add_layer_norm(x, weight, bias, eps=eps)
+
+    @_kernel_op
+    def add_layer_norm(self, x, residual, weight, bias, eps, *, return_sum=False):
+        return self.kernels.add_layer_norm(x, weight, bias, residual=residual, eps=eps, return_sum=return_sum)
+
+    @_kernel_op
+    def linear_add_layer_norm(self, x, weight, bias, residual, ln_weight, ln_bias, eps, *, return_sum=False):
+        # The bias goes into the LayerNorm kernel's x_bias: one pass fewer over the GEMM output.
+        y = self._gemm(x, weight)
+        return self.kernels.add_layer_norm(
+            y, ln_weight, ln_bias, residual=residual, x_bias=bias, eps=eps, return_sum=return_sum
+        )
+
+    @_kernel_op
+    def attention(self, qkv, num_heads, layout, scale=None):
+        head_dim = qkv.shape[-1] // (3 * num_heads)
+        if isinstance(layout, PackedLayout):
+            q, k, v = qkv.view(-1, 3, num_heads, head_dim).unbind(1)
+            out = self.kernels.attention(
+                q, k, v, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, scale=scale
+            )
+        else:
+            q, k, v = qkv.view(layout.batch, layout.seqlen, 3, num_heads, head_dim).unbind(2)
+            out = self.kernels.attention(q, k, v, key_padding_mask=layout.key_padding_mask, scale=scale)
+        return out.reshape(layout.num_tokens, num_heads * head_dim)
+
+    @_kernel_op
+    def query_attention(self, q, kv, num_heads, layout, scale=None):
+        if isinstance(layout, PackedLayout):
+            return self.query_attention(q, layout.scatter_to_grid(kv), num_heads, layout.grid, scale)
+        k, v = padded_kv(kv, num_heads, layout)
+        q = q.view(layout.batch, 1, num_heads, -1)
+        return self.kernels.attention(q, k, v, key_padding_mask=layout.key_padding_mask, scale=scale).reshape(
+            layout.batch, -1
+        )

@@ -2,8 +2,9 @@
 
 For users who keep transformers' model object (its processor pipeline, its outputs, its
 ``save_pretrained``), in the way Liger-Kernel patches LLMs: the modules stay where they are, their
-``forward`` is replaced on the instance by one that runs the same math through ``dispatch`` (Triton
-kernels on CUDA, oneDNN-fused torch ops on CPU). One switch per kernel:
+``forward`` is replaced on the instance by one that runs the same math through ``altclip_fast.ops``
+(Triton kernels on CUDA, oneDNN-fused torch ops on CPU). A patched module says so in its ``repr``.
+One switch per kernel:
 
 - ``attention``: one fused QKV GEMM per layer and the attention kernel (FlashAttention-style on CUDA,
   ``F.scaled_dot_product_attention`` on CPU). The fused QKV weight is a copy made now (a
@@ -16,25 +17,32 @@ Calling it again with other switches applies exactly the new set (``False`` remo
 Requests for attention weights (``output_attentions=True``, or the ``eager`` implementation) run
 transformers' own attention. Supports transformers >= 5 (the versions whose module signatures this
 code follows); older versions get a clear error.
+
+The backend request (``backend=``, else ``$ALTCLIP_FAST_BACKEND``) and the GEMM mode
+(``$ALTCLIP_FAST_GEMM``) are read by ``optimize``; each forward maps them to its input's device. The
+weights are used as they are: nothing is folded or pre-blocked for oneDNN.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
 import torch
 from torch import nn
 
-from .ops.dispatch import PaddedLayout, get_ops, resolve_backend
+from .ops import ENV_VAR, PaddedLayout, get_ops, resolve_backend
+from .ops.gemm_choice import gemm_mode
 
 __all__ = ["optimize"]
 
-_BACKEND_ATTR = "_altclip_fast_backend"
+_BACKEND_ATTR = "_altclip_fast_backend"  # (requested backend, GEMM mode, switch name), set by optimize
 
 
 def _ops_for(module: nn.Module, x: torch.Tensor):
-    return get_ops(resolve_backend(getattr(module, _BACKEND_ATTR, None), x.device))
+    requested, gemm, _ = getattr(module, _BACKEND_ATTR)
+    return get_ops(resolve_backend(requested, x.device), gemm=gemm)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -139,14 +147,25 @@ def _fuse_qkv(module, q, k, v) -> None:
 
 
 def _unpatch(module: nn.Module) -> None:
-    module.__dict__.pop("forward", None)
+    for name in ("forward", "extra_repr", _BACKEND_ATTR):
+        module.__dict__.pop(name, None)
     for name in ("_altclip_fast_qkv_weight", "_altclip_fast_qkv_bias"):
         module._buffers.pop(name, None)
 
 
-def _patch(module: nn.Module, forward, backend) -> None:
+def _patched_extra_repr(self) -> str:
+    requested, _, switch = getattr(self, _BACKEND_ATTR)
+    param = next(self.parameters(), None)
+    backend = resolve_backend(requested, param.device if param is not None else "cpu")
+    own = type(self).extra_repr(self)
+    note = f"altclip_fast: {switch} patched (backend {backend})"
+    return f"{own}, {note}" if own else note
+
+
+def _patch(module: nn.Module, forward, setting: tuple[str, str], switch: str) -> None:
     module.forward = types.MethodType(forward, module)
-    setattr(module, _BACKEND_ATTR, backend)
+    module.extra_repr = types.MethodType(_patched_extra_repr, module)
+    setattr(module, _BACKEND_ATTR, (*setting, switch))
 
 
 def _activation(fn) -> str | None:
@@ -157,7 +176,8 @@ def _activation(fn) -> str | None:
 def optimize(hf_model: nn.Module, attention: bool = True, layer_norm: bool = True, mlp: bool = True,
              *, backend: str | None = None) -> nn.Module:
     """Patch a transformers ``AltCLIPModel``, ``AltCLIPTextModel`` or ``AltCLIPVisionModel`` in place and
-    return it. ``backend``: ``None`` (auto, see ``altclip_fast.dispatch``), ``"torch"`` or ``"triton"``."""
+    return it. ``backend``: ``None`` (``$ALTCLIP_FAST_BACKEND``, else auto: see ``altclip_fast.ops``),
+    ``"auto"``, ``"torch"`` or ``"triton"``."""
     try:
         import transformers
         from transformers.models.altclip import modeling_altclip as m
@@ -173,30 +193,32 @@ def optimize(hf_model: nn.Module, attention: bool = True, layer_norm: bool = Tru
             f"optimize expects a transformers AltCLIPModel, AltCLIPTextModel or AltCLIPVisionModel, "
             f"got {type(hf_model).__name__}"
         )
-    if backend is not None:
-        resolve_backend(backend, "cpu")  # validate the name now, not at the first forward
+    # Read the environment and validate names now, not at the first forward.
+    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    resolve_backend(backend, "cpu")
+    setting = (requested, gemm_mode())
 
     with torch.no_grad():
         for module in hf_model.modules():
             _unpatch(module)
             if attention and isinstance(module, m.AltRobertaSelfAttention):
                 _fuse_qkv(module, module.query, module.key, module.value)
-                _patch(module, _text_self_attention_forward, backend)
+                _patch(module, _text_self_attention_forward, setting, "attention")
             elif attention and isinstance(module, m.AltCLIPAttention):
                 _fuse_qkv(module, module.q_proj, module.k_proj, module.v_proj)
-                _patch(module, _vision_attention_forward, backend)
+                _patch(module, _vision_attention_forward, setting, "attention")
             elif layer_norm and isinstance(module, (m.AltRobertaSelfOutput, m.AltRobertaOutput)):
-                _patch(module, _dense_add_norm_forward, backend)
+                _patch(module, _dense_add_norm_forward, setting, "layer_norm")
             elif layer_norm and isinstance(module, m.AltCLIPEncoderLayer):
-                _patch(module, _vision_layer_forward, backend)
+                _patch(module, _vision_layer_forward, setting, "layer_norm")
             elif layer_norm and isinstance(module, nn.LayerNorm):
-                _patch(module, _layer_norm_forward, backend)
+                _patch(module, _layer_norm_forward, setting, "layer_norm")
             elif mlp and isinstance(module, m.AltRobertaIntermediate) and _activation(module.intermediate_act_fn):
                 module._altclip_fast_act = _activation(module.intermediate_act_fn)
-                _patch(module, _text_intermediate_forward, backend)
+                _patch(module, _text_intermediate_forward, setting, "mlp")
             elif mlp and isinstance(module, m.AltCLIPMLP) and _activation(module.activation_fn):
                 module._altclip_fast_act = _activation(module.activation_fn)
-                _patch(module, _vision_mlp_forward, backend)
+                _patch(module, _vision_mlp_forward, setting, "mlp")
     return hf_model
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import altclip_fast
-from altclip_fast.ops import dispatch
+from altclip_fast.ops.torch_backend import TorchOps
 from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, tiny_config
 from tests.parity import rel_err
 
@@ -43,13 +43,13 @@ def op_calls(monkeypatch):
     """Counts calls of the torch backend's ops, to prove the patched code is what runs."""
     calls = collections.Counter()
     for name in ("linear", "layer_norm", "add_layer_norm", "linear_add_layer_norm", "attention"):
-        original = getattr(dispatch.TorchOps, name)
+        original = getattr(TorchOps, name)
 
         def counted(self, *args, _original=original, _name=name, **kwargs):
             calls[_name] += 1
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(dispatch.TorchOps, name, counted)
+        monkeypatch.setattr(TorchOps, name, counted)
     return calls
 
 
@@ -99,6 +99,7 @@ def test_switching_off_restores_transformers_code(hf, batch, op_calls):
     altclip_fast.optimize(model, attention=False, layer_norm=False, mlp=False)
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert not any("_altclip_fast" in name for name, _ in model.named_buffers())
+    assert "altclip_fast" not in repr(model)
     model(**batch)
     assert sum(op_calls.values()) == 0
     # Patching twice is the same as patching once.
@@ -181,3 +182,15 @@ def test_gpu_bf16_through_the_kernels(hf, batch, expected):
     theirs, ours = plain(**lowp), fast(**lowp)
     for name in ("text_embeds", "image_embeds"):
         assert rel_err(ours[name].cpu(), expected[name]) <= 2 * rel_err(theirs[name].cpu(), expected[name]) + 1e-3
+
+
+def test_patched_modules_say_so_in_their_repr(hf, monkeypatch):
+    """Like Liger-Kernel: a patched module's repr names the switch and the backend it runs."""
+    monkeypatch.delenv("ALTCLIP_FAST_BACKEND", raising=False)
+    model = altclip_fast.optimize(copy.deepcopy(hf), layer_norm=False)
+    text = repr(model)
+    assert "altclip_fast: attention patched (backend torch)" in text
+    assert "altclip_fast: mlp patched (backend torch)" in text
+    assert "layer_norm patched" not in text
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert repr(norm) == repr(torch.nn.LayerNorm(norm.normalized_shape, eps=norm.eps))

@@ -106,18 +106,6 @@ def _load_pretrained(cls, part: str, key_map_fn, path_or_id, *, dtype, device, b
     return model.eval()
 
 
-def _checkpoint_values(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's parameters as the checkpoint holds them: an MLP stored with quick_gelu folded into
-    its weights (see ``EncoderLayer``) is unfolded, in fp32, back to the model's dtype."""
-    state = {name: p.detach() for name, p in module.named_parameters()}
-    for prefix, layer in module.named_modules():
-        if isinstance(layer, EncoderLayer) and getattr(layer, "quick_gelu_folded", False):
-            for name, factor in layer.quick_gelu_fold_factors(False):
-                key = f"{prefix}.{name}"
-                state[key] = (state[key].float() * factor).to(state[key].dtype)
-    return state
-
-
 def _save_pretrained(module: nn.Module, key_map, config: dict, architecture: str, save_directory) -> None:
     """Write ``config.json`` and ``model.safetensors`` (keys from ``key_map``, the model's dtype) so that
     transformers' ``from_pretrained`` and ours both read the directory."""
@@ -126,7 +114,8 @@ def _save_pretrained(module: nn.Module, key_map, config: dict, architecture: str
     path = Path(save_directory)
     if path.exists() and not path.is_dir():
         raise ValueError(f"save_pretrained: {path} exists and is not a directory")
-    state = split_state_dict(key_map, _checkpoint_values(module))
+    # Parameters hold the checkpoint's values (the backend's derived forms live outside state_dict).
+    state = split_state_dict(key_map, {name: p.detach() for name, p in module.named_parameters()})
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     config = {**config, "architectures": [architecture], "dtype": str(module.dtype).removeprefix("torch.")}
     path.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ if [[ $stage == kernels || $stage == all ]]; then
 fi
 if [[ $stage == tests || $stage == all ]]; then
     run 240 python -m pytest -q -m gpu tests -p no:cacheprovider
-    # The whole-model and dispatch tests that run the Triton backend: on CUDA they use the compiled kernels.
+    # The whole-model and op-backend tests that run the Triton backend: on CUDA they use the compiled kernels.
     run 60 python -m pytest -q tests/altclip_fast/test_model_triton.py tests/altclip_fast/test_dispatch.py \
         tests/altclip_fast/test_gemm_choice.py -p no:cacheprovider
     run 200 python -m pytest -q -x tests/kernels -m "not gpu" -p no:cacheprovider

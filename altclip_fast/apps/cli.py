@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ignore EXIF orientation (by default photos are turned upright, as transformers "
                             "does for image paths)")
     group.add_argument("--fast-decode", action="store_true",
-                       help="decode large JPEGs at reduced scale (several times faster on camera photos; "
+                       help="decode large JPEGs at reduced scale (faster on camera photos; "
                             "pixels differ slightly from transformers')")
 
     parser = _Parser(prog="altclip-fast", description="Fast multilingual CLIP (AltCLIP): classify, embed, bench.")

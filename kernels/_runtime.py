@@ -6,15 +6,20 @@
   ``check_same_mode`` catches a module imported under the other one.
 - ``check_device``: compiled kernels take CUDA tensors, interpreted ones CPU tensors too.
 - ``SMEM_BUDGET``: the shared memory per block that autotune pruning allows for.
+- ``tuned_configs``: an autotuner's config list, cut to ``$ALTCLIP_FAST_AUTOTUNE_LIMIT`` entries
+  when that is set. On a cold machine every new autotune key compiles and times every config; a
+  correctness run does not need the fastest tile, and one config per key turns minutes into seconds.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-__all__ = ["INTERPRETED", "SMEM_BUDGET", "check_device", "check_same_mode"]
+__all__ = ["AUTOTUNE_LIMIT_VAR", "INTERPRETED", "SMEM_BUDGET", "check_device", "check_same_mode", "tuned_configs"]
 
 
 @triton.jit
@@ -47,3 +52,21 @@ def check_device(name: str, t: torch.Tensor, op: str) -> None:
             f"{name} is on {t.device}: {op} runs on CUDA tensors "
             "(CPU tensors run only under TRITON_INTERPRET=1, set before importing kernels)"
         )
+
+
+AUTOTUNE_LIMIT_VAR = "ALTCLIP_FAST_AUTOTUNE_LIMIT"
+
+
+def tuned_configs(configs: list) -> list:
+    """``configs`` as the autotuner gets them: the first ``$ALTCLIP_FAST_AUTOTUNE_LIMIT`` (read when the
+    kernels are defined), or all of them. Lists put a safe, broadly good config first."""
+    raw = os.environ.get(AUTOTUNE_LIMIT_VAR, "").strip()
+    if not raw:
+        return configs
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise ValueError(f"{AUTOTUNE_LIMIT_VAR} must be a positive integer, got {raw!r}") from None
+    if limit < 1:
+        raise ValueError(f"{AUTOTUNE_LIMIT_VAR} must be a positive integer, got {raw!r}")
+    return configs[:limit]

@@ -251,7 +251,8 @@ def _tuned_kernel(block_d: int, elem_bytes: int):
     candidate fails to compile for lack of shared memory. The key buckets the sequence length so texts of
     8..77 tokens share a few tuning runs instead of one per length."""
     configs = _class_configs(block_d, elem_bytes)
-    return triton.autotune(configs=configs, key=["SEQ_BUCKET", "HEAD_DIM", "HAS_MASK", "VARLEN"])(_attention_fwd)
+    return triton.autotune(configs=_runtime.tuned_configs(configs),
+                           key=["SEQ_BUCKET", "HEAD_DIM", "HAS_MASK", "VARLEN"])(_attention_fwd)
 
 
 def _seq_bucket(max_seqlen: int) -> int:

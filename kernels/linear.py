@@ -170,7 +170,8 @@ _TUNED_VARIANTS = {
     "ieee": (torch.float32, "ieee"),
 }
 _TUNED = {
-    name: triton.autotune(configs=autotune_configs(dtype, precision), key=_AUTOTUNE_KEY)(_linear_fwd)
+    name: triton.autotune(configs=_runtime.tuned_configs(autotune_configs(dtype, precision)),
+                          key=_AUTOTUNE_KEY)(_linear_fwd)
     for name, (dtype, precision) in _TUNED_VARIANTS.items()
 } if not _runtime.INTERPRETED else {}
 

@@ -56,6 +56,13 @@ def load_kernels():
     if missing:
         runtime = sys.modules.get(f"{_PACKAGE}._runtime")
         interpret = runtime.INTERPRETED if runtime is not None else not torch.cuda.is_available()
+        if interpret and _triton_compiled_mode():
+            raise RuntimeError(
+                "the triton backend has no CUDA device here, so it runs the kernels under Triton's interpreter, "
+                "but Triton was already imported (by transformers or torch.compile, say) with the interpreter "
+                "off, and interpreted kernels cannot call its compiled helpers. Set TRITON_INTERPRET=1 in the "
+                "environment before starting Python, or use backend='torch' (ALTCLIP_FAST_BACKEND=torch)"
+            )
         try:
             with _interpreter_switch(interpret):
                 for name in missing:
@@ -65,6 +72,17 @@ def load_kernels():
                 f"the triton backend needs Triton ({exc}); use backend='torch' or ALTCLIP_FAST_BACKEND=torch"
             ) from exc
     return sys.modules[_PACKAGE]
+
+
+def _triton_compiled_mode() -> bool:
+    """Whether Triton itself was imported with its interpreter off: its own jit helpers (``tl.cdiv``
+    and the like) are then GPU-compiler objects, which an interpreted kernel cannot call."""
+    language = sys.modules.get("triton.language")
+    if language is None:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(getattr(language, "cdiv", None), JITFunction)
 
 
 def _kernel_op(method):

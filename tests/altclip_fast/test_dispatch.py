@@ -98,6 +98,23 @@ def test_triton_backend_leaves_triton_interpret_as_it_was(before):
     assert done.stdout.strip() == repr(before)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter path of a machine without CUDA")
+def test_triton_backend_after_triton_was_imported_compiled_says_what_to_do():
+    """transformers imports Triton with the interpreter off; interpreted kernels then cannot call
+    Triton's own compiled helpers (tl.cdiv), which used to fail deep inside the interpreter."""
+    pytest.importorskip("triton")
+    code = "import triton.language\n" + _TRITON_ON_CPU
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError:") and "Set TRITON_INTERPRET=1 in the environment" in last, last
+    # With the variable set from the start, the same code runs.
+    env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_gemm_mode_is_read_when_the_op_set_is_made(monkeypatch):
     monkeypatch.setenv(gemm_choice.ENV_VAR, "torch")
     ops = dispatch.get_ops("triton")

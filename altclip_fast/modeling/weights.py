@@ -43,6 +43,19 @@ def _fused_qkv(fast: str, q: str, k: str, v: str) -> KeyMap:
     return {f"{fast}.{p}": (f"{q}.{p}", f"{k}.{p}", f"{v}.{p}") for p in ("weight", "bias")}
 
 
+def _encoder_layer(dst: str, *, qkv: tuple[str, str, str], out: str, norm1: str, fc1: str, fc2: str,
+                   norm2: str) -> KeyMap:
+    """One ``EncoderLayer``'s map: both towers' layers are the same module under different source names."""
+    return {
+        **_fused_qkv(f"{dst}.qkv", *qkv),
+        **_linear(f"{dst}.out", out),
+        **_linear(f"{dst}.norm1", norm1),
+        **_linear(f"{dst}.fc1", fc1),
+        **_linear(f"{dst}.fc2", fc2),
+        **_linear(f"{dst}.norm2", norm2),
+    }
+
+
 def text_key_map(config: AltCLIPTextConfig, *, layer: str = "layer") -> KeyMap:
     """The text tower's map, keys relative to the tower (``roberta.*``, ``pre_LN.*``, ...).
 
@@ -58,14 +71,13 @@ def text_key_map(config: AltCLIPTextConfig, *, layer: str = "layer") -> KeyMap:
         **_linear("embeddings_norm", f"{emb}.LayerNorm"),
     }
     for i in range(config.num_hidden_layers):
-        src, dst = f"roberta.encoder.{layer}.{i}", f"layers.{i}"
+        src = f"roberta.encoder.{layer}.{i}"
         att = f"{src}.attention"
-        m.update(_fused_qkv(f"{dst}.qkv", f"{att}.self.query", f"{att}.self.key", f"{att}.self.value"))
-        m.update(_linear(f"{dst}.out", f"{att}.output.dense"))
-        m.update(_linear(f"{dst}.norm1", f"{att}.output.LayerNorm"))
-        m.update(_linear(f"{dst}.fc1", f"{src}.intermediate.dense"))
-        m.update(_linear(f"{dst}.fc2", f"{src}.output.dense"))
-        m.update(_linear(f"{dst}.norm2", f"{src}.output.LayerNorm"))
+        m.update(_encoder_layer(
+            f"layers.{i}", qkv=(f"{att}.self.query", f"{att}.self.key", f"{att}.self.value"),
+            out=f"{att}.output.dense", norm1=f"{att}.output.LayerNorm", fc1=f"{src}.intermediate.dense",
+            fc2=f"{src}.output.dense", norm2=f"{src}.output.LayerNorm",
+        ))
     m.update(_linear("final_norm", "pre_LN"))
     m.update(_linear("transformation", "transformation"))
     return m
@@ -80,14 +92,12 @@ def vision_key_map(config: AltCLIPVisionConfig) -> KeyMap:
         **_linear("pre_norm", "pre_layrnorm"),
     }
     for i in range(config.num_hidden_layers):
-        src, dst = f"encoder.layers.{i}", f"layers.{i}"
+        src = f"encoder.layers.{i}"
         att = f"{src}.self_attn"
-        m.update(_fused_qkv(f"{dst}.qkv", f"{att}.q_proj", f"{att}.k_proj", f"{att}.v_proj"))
-        m.update(_linear(f"{dst}.out", f"{att}.out_proj"))
-        m.update(_linear(f"{dst}.norm1", f"{src}.layer_norm1"))
-        m.update(_linear(f"{dst}.fc1", f"{src}.mlp.fc1"))
-        m.update(_linear(f"{dst}.fc2", f"{src}.mlp.fc2"))
-        m.update(_linear(f"{dst}.norm2", f"{src}.layer_norm2"))
+        m.update(_encoder_layer(
+            f"layers.{i}", qkv=(f"{att}.q_proj", f"{att}.k_proj", f"{att}.v_proj"), out=f"{att}.out_proj",
+            norm1=f"{src}.layer_norm1", fc1=f"{src}.mlp.fc1", fc2=f"{src}.mlp.fc2", norm2=f"{src}.layer_norm2",
+        ))
     m.update(_linear("post_norm", "post_layernorm"))
     return m
 

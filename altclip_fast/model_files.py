@@ -31,26 +31,33 @@ _HUB_SMALL_FILES = ["*.json", "*.model", "*.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
-    """Return a local directory holding the checkpoint ``path_or_id``.
+def resolve_model_dir(path_or_id: str | os.PathLike, *, subfolder: str = "", **hub_options) -> Path:
+    """Return a local directory holding the checkpoint ``path_or_id`` (its ``subfolder``, if given).
 
     An existing directory is used as it is. Anything else that looks like a hub id (``org/name``)
     is fetched with huggingface_hub, which honours its cache and ``HF_HUB_OFFLINE``. Only
     safetensors weights are fetched when the repository has them; ``pytorch_model.bin`` otherwise.
+    ``hub_options`` (``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+    ``force_download``) go to ``huggingface_hub.snapshot_download``; a local directory ignores them,
+    as transformers does.
     """
     text = os.fspath(path_or_id)
     path = Path(text).expanduser()
     if path.is_dir():
+        if subfolder:
+            path = path / subfolder
+            if not path.is_dir():
+                raise CheckpointError(f"{text}: no subfolder {subfolder!r}")
         return path
     if path.exists():
         raise CheckpointError(f"{text} is a file; expected a model directory (with config.json and weights)")
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.replace("/", "") or text.count("/") > 1
     if looks_like_path or not _HUB_ID.match(text):
         raise CheckpointError(f"{text}: no such directory")
-    return _download_from_hub(text)
+    return _download_from_hub(text, subfolder=subfolder, **hub_options)
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def _download_from_hub(repo_id: str, *, subfolder: str = "", **hub_options) -> Path:
     try:
         import huggingface_hub
     except ImportError:
@@ -58,12 +65,15 @@ def _download_from_hub(repo_id: str) -> Path:
             f"{repo_id!r} is not a local directory, and fetching it from the Hugging Face Hub needs "
             "huggingface_hub: pip install 'altclip-fast[hub]' (or pass a local directory)"
         ) from None
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
-        local = Path(
-            huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_SMALL_FILES + ["*.safetensors"])
-        )
+        local = Path(huggingface_hub.snapshot_download(
+            repo_id, allow_patterns=[prefix + p for p in _HUB_SMALL_FILES + ["*.safetensors"]], **hub_options
+        )) / prefix
         if find_weights(local) is None:
-            local = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["pytorch_model*.bin"]))
+            local = Path(huggingface_hub.snapshot_download(
+                repo_id, allow_patterns=[prefix + "pytorch_model*.bin"], **hub_options
+            )) / prefix
     except Exception as exc:  # huggingface_hub raises many types: network, auth, offline cache miss
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

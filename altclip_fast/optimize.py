@@ -7,9 +7,7 @@ For users who keep transformers' model object (its processor pipeline, its outpu
 One switch per kernel:
 
 - ``attention``: one fused QKV GEMM per layer and the attention kernel (FlashAttention-style on CUDA,
-  ``F.scaled_dot_product_attention`` on CPU). The fused QKV weight is a copy made now (a
-  non-persistent buffer: ``3 * hidden**2`` more values per layer, not saved by ``save_pretrained``);
-  call ``optimize`` again after changing the weights.
+  ``F.scaled_dot_product_attention`` on CPU).
 - ``layer_norm``: residual add + LayerNorm fused (and, in the text tower, the dense bias too).
 - ``mlp``: linear + bias + GELU / quick_gelu fused, and the vision MLP's residual add.
 
@@ -18,9 +16,28 @@ Requests for attention weights (``output_attentions=True``, or the ``eager`` imp
 transformers' own attention. Supports transformers >= 5 (the versions whose module signatures this
 code follows); older versions get a clear error.
 
+The patch is for inference and never changes training behaviour. A patched module runs transformers'
+original ``forward`` (the very same code, so the results are exact) whenever
+
+- autograd records: grad mode is on and one of the module's parameters or tensor inputs requires
+  grad (run under ``torch.inference_mode()`` / ``torch.no_grad()``, or ``requires_grad_(False)`` the
+  model, to get the fast path), or
+- the module is in training mode with a nonzero dropout rate.
+
+The fast path therefore never records a graph, so its in-place epilogues touch no tensor autograd
+needs.
+
+Weights are read as they are at each call: patch before loading, on the meta device inside
+``from_pretrained``, or after loading, and ``load_state_dict``, ``init_weights``, optimizer steps and
+``.to()`` are all seen. The one derived copy, each layer's concatenated QKV weight and bias (not a
+buffer: ``state_dict``, ``named_buffers`` and ``.to()`` never see it), is rebuilt when any of its
+sources is no longer the same tensor or changed: each call compares their autograd version counters,
+storage pointers, dtypes, devices and shapes. Changes made through ``param.data`` bypass the version
+counter; call ``optimize`` again after those.
+
 The backend request (``backend=``, else ``$ALTCLIP_FAST_BACKEND``) and the GEMM mode
-(``$ALTCLIP_FAST_GEMM``) are read by ``optimize``; each forward maps them to its input's device. The
-weights are used as they are: nothing is folded or pre-blocked for oneDNN.
+(``$ALTCLIP_FAST_GEMM``) are read by ``optimize``; each forward maps them to its input's device.
+Nothing is folded or pre-blocked for oneDNN.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from __future__ import annotations
 import os
 import sys
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -68,6 +86,36 @@ def _wants_weights(module: nn.Module, kwargs) -> bool:
     return bool(kwargs.get("output_attentions")) or getattr(module.config, "_attn_implementation", None) == "eager"
 
 
+def _records_autograd(module: nn.Module, args, kwargs) -> bool:
+    """Would transformers' forward record a graph here? Grad mode on, and a tensor input or one of the
+    module's parameters requires grad. Parameters are looked up per call: loading may replace them."""
+    if not torch.is_grad_enabled():
+        return False
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            return True
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _dropout_active(module: nn.Module) -> bool:
+    """Training mode with a nonzero dropout rate anywhere in the module. transformers keeps attention
+    dropout rates as floats (``dropout`` / ``attention_dropout``) as well as ``nn.Dropout`` modules."""
+    if not module.training:
+        return False
+    for sub in module.modules():
+        if isinstance(sub, nn.Dropout) and sub.p > 0:
+            return True
+        for name in ("dropout", "attention_dropout"):
+            rate = sub.__dict__.get(name)
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+                return True
+    return False
+
+
+def _must_fall_back(module: nn.Module, args, kwargs) -> bool:
+    return _dropout_active(module) or _records_autograd(module, args, kwargs)
+
+
 # --------------------------------------------------------------------------- patched forwards
 
 
@@ -75,7 +123,8 @@ def _fused_attention(self, ops, hidden_states, attention_mask, num_heads, scale)
     """Fused QKV projection + attention over a padded batch: the context rows ``[tokens, hidden]``."""
     batch, seqlen, _ = hidden_states.shape
     layout = PaddedLayout(batch, seqlen, _key_padding_mask(attention_mask, batch, seqlen))
-    qkv = ops.linear(_rows(hidden_states), self._altclip_fast_qkv_weight, self._altclip_fast_qkv_bias)
+    weight, bias = _qkv(self)
+    qkv = ops.linear(_rows(hidden_states), weight, bias)
     return ops.attention(qkv, num_heads, layout, scale)
 
 
@@ -118,8 +167,10 @@ def _vision_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
     attn_in = ops.layer_norm(x, ln1.weight, ln1.bias, ln1.eps).view(hidden_states.shape)
     attn_out, _ = self.self_attn(hidden_states=attn_in, attention_mask=attention_mask, **kwargs)
     mlp_in, h = ops.add_layer_norm(_rows(attn_out), x, ln2.weight, ln2.bias, ln2.eps, return_sum=True)
-    if "forward" in self.mlp.__dict__:  # our MLP takes the residual into its second GEMM
-        return self.mlp(mlp_in.view(hidden_states.shape), residual=h)
+    if "forward" in self.mlp.__dict__:
+        # Our MLP takes the residual into its second GEMM. Its fast path is implied by this layer's:
+        # it holds a subset of the layer's parameters, its input comes from the fast path, no dropout.
+        return _vision_mlp_forward(self.mlp, mlp_in.view(hidden_states.shape), residual=h)
     return (h + _rows(self.mlp(mlp_in.view(hidden_states.shape)))).view(hidden_states.shape)
 
 
@@ -139,18 +190,64 @@ def _vision_mlp_forward(self, hidden_states, residual=None):
 # --------------------------------------------------------------------------- patching
 
 
-def _fuse_qkv(module, q, k, v) -> None:
-    module.register_buffer(
-        "_altclip_fast_qkv_weight", torch.cat([q.weight, k.weight, v.weight]).detach(), persistent=False
-    )
-    module.register_buffer("_altclip_fast_qkv_bias", torch.cat([q.bias, k.bias, v.bias]).detach(), persistent=False)
+_QKV = "_altclip_fast_qkv"  # instance attribute: the _QKVCache of an attention module
+
+
+def _stamp(t: torch.Tensor | None):
+    """What identifies a tensor's current values without reading them: any in-place change bumps the
+    version counter; ``.to()`` and ``param.data = ...`` move the storage. Inference tensors have no
+    version counter (None: never trusted)."""
+    if t is None:
+        return None
+    return (None if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+
+
+class _QKVCache:
+    """The fused QKV weight and bias of one attention module, and the stamps of the tensors they were
+    built from. Copies and pickles start empty: they would describe another model's tensors."""
+
+    __slots__ = ("refs", "stamps", "weight", "bias")
+
+    def __init__(self):
+        self.refs = self.stamps = self.weight = self.bias = None
+
+    def __reduce__(self):
+        return (_QKVCache, ())
+
+    def __deepcopy__(self, memo):
+        return _QKVCache()
+
+    def fresh(self, sources) -> bool:
+        if self.refs is None:
+            return False
+        for ref, stamp, t in zip(self.refs, self.stamps, sources):
+            if (None if ref is None else ref()) is not t or stamp != _stamp(t) or (stamp is not None and stamp[0] is None):
+                return False
+        return True
+
+
+def _qkv(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The module's Q, K and V projections as one ``[3 * hidden, hidden]`` weight (and bias), from the
+    weights as they are now: rebuilt when a source changed, else the cached copy."""
+    projections = module._altclip_fast_qkv_sources
+    sources = [getattr(module, name).weight for name in projections]
+    sources += [getattr(module, name).bias for name in projections]
+    cache = module.__dict__.get(_QKV)
+    if cache is None:
+        cache = module.__dict__[_QKV] = _QKVCache()
+    if not cache.fresh(sources):
+        with torch.no_grad():
+            weights, biases = sources[:3], sources[3:]
+            cache.weight = torch.cat(weights)
+            cache.bias = None if any(b is None for b in biases) else torch.cat(biases)
+        cache.refs = [None if t is None else weakref.ref(t) for t in sources]
+        cache.stamps = [_stamp(t) for t in sources]
+    return cache.weight, cache.bias
 
 
 def _unpatch(module: nn.Module) -> None:
-    for name in ("forward", "extra_repr", _BACKEND_ATTR):
+    for name in ("forward", "extra_repr", _BACKEND_ATTR, _QKV, "_altclip_fast_qkv_sources", "_altclip_fast_act"):
         module.__dict__.pop(name, None)
-    for name in ("_altclip_fast_qkv_weight", "_altclip_fast_qkv_bias"):
-        module._buffers.pop(name, None)
 
 
 def _patched_extra_repr(self) -> str:
@@ -162,8 +259,22 @@ def _patched_extra_repr(self) -> str:
     return f"{own}, {note}" if own else note
 
 
+def _guarded(fast):
+    """``fast`` as a module forward that hands over to transformers' own forward whenever autograd
+    records or dropout is live (see the module docstring)."""
+
+    def forward(self, *args, **kwargs):
+        if _must_fall_back(self, args, kwargs):
+            return type(self).forward(self, *args, **kwargs)
+        return fast(self, *args, **kwargs)
+
+    forward.__name__ = forward.__qualname__ = fast.__name__
+    forward.__doc__ = fast.__doc__
+    return forward
+
+
 def _patch(module: nn.Module, forward, setting: tuple[str, str], switch: str) -> None:
-    module.forward = types.MethodType(forward, module)
+    module.forward = types.MethodType(_guarded(forward), module)
     module.extra_repr = types.MethodType(_patched_extra_repr, module)
     setattr(module, _BACKEND_ATTR, (*setting, switch))
 
@@ -198,27 +309,26 @@ def optimize(hf_model: nn.Module, attention: bool = True, layer_norm: bool = Tru
     resolve_backend(backend, "cpu")
     setting = (requested, gemm_mode())
 
-    with torch.no_grad():
-        for module in hf_model.modules():
-            _unpatch(module)
-            if attention and isinstance(module, m.AltRobertaSelfAttention):
-                _fuse_qkv(module, module.query, module.key, module.value)
-                _patch(module, _text_self_attention_forward, setting, "attention")
-            elif attention and isinstance(module, m.AltCLIPAttention):
-                _fuse_qkv(module, module.q_proj, module.k_proj, module.v_proj)
-                _patch(module, _vision_attention_forward, setting, "attention")
-            elif layer_norm and isinstance(module, (m.AltRobertaSelfOutput, m.AltRobertaOutput)):
-                _patch(module, _dense_add_norm_forward, setting, "layer_norm")
-            elif layer_norm and isinstance(module, m.AltCLIPEncoderLayer):
-                _patch(module, _vision_layer_forward, setting, "layer_norm")
-            elif layer_norm and isinstance(module, nn.LayerNorm):
-                _patch(module, _layer_norm_forward, setting, "layer_norm")
-            elif mlp and isinstance(module, m.AltRobertaIntermediate) and _activation(module.intermediate_act_fn):
-                module._altclip_fast_act = _activation(module.intermediate_act_fn)
-                _patch(module, _text_intermediate_forward, setting, "mlp")
-            elif mlp and isinstance(module, m.AltCLIPMLP) and _activation(module.activation_fn):
-                module._altclip_fast_act = _activation(module.activation_fn)
-                _patch(module, _vision_mlp_forward, setting, "mlp")
+    for module in hf_model.modules():
+        _unpatch(module)
+        if attention and isinstance(module, m.AltRobertaSelfAttention):
+            module._altclip_fast_qkv_sources = ("query", "key", "value")
+            _patch(module, _text_self_attention_forward, setting, "attention")
+        elif attention and isinstance(module, m.AltCLIPAttention):
+            module._altclip_fast_qkv_sources = ("q_proj", "k_proj", "v_proj")
+            _patch(module, _vision_attention_forward, setting, "attention")
+        elif layer_norm and isinstance(module, (m.AltRobertaSelfOutput, m.AltRobertaOutput)):
+            _patch(module, _dense_add_norm_forward, setting, "layer_norm")
+        elif layer_norm and isinstance(module, m.AltCLIPEncoderLayer):
+            _patch(module, _vision_layer_forward, setting, "layer_norm")
+        elif layer_norm and isinstance(module, nn.LayerNorm):
+            _patch(module, _layer_norm_forward, setting, "layer_norm")
+        elif mlp and isinstance(module, m.AltRobertaIntermediate) and _activation(module.intermediate_act_fn):
+            module._altclip_fast_act = _activation(module.intermediate_act_fn)
+            _patch(module, _text_intermediate_forward, setting, "mlp")
+        elif mlp and isinstance(module, m.AltCLIPMLP) and _activation(module.activation_fn):
+            module._altclip_fast_act = _activation(module.activation_fn)
+            _patch(module, _vision_mlp_forward, setting, "mlp")
     return hf_model
 
 

@@ -12,7 +12,7 @@ import torch
 
 import altclip_fast
 from altclip_fast.ops.torch_backend import TorchOps
-from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, tiny_config
+from tests.checkpoints import make_pixels, make_text_batch, random_hf_model, save_hf, tiny_config
 from tests.parity import rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -194,3 +194,183 @@ def test_patched_modules_say_so_in_their_repr(hf, monkeypatch):
     assert "layer_norm patched" not in text
     norm = next(m for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
     assert repr(norm) == repr(torch.nn.LayerNorm(norm.normalized_shape, eps=norm.eps))
+
+
+# --------------------------------------------------------------------------- weights as they are now
+
+
+def unpatched_copy(model):
+    """The same weights run by transformers' own code: what a patched model must answer."""
+    return altclip_fast.optimize(copy.deepcopy(model), attention=False, layer_norm=False, mlp=False)
+
+
+def attention_modules(model):
+    from transformers.models.altclip import modeling_altclip as m
+
+    return [mod for mod in model.modules() if isinstance(mod, (m.AltRobertaSelfAttention, m.AltCLIPAttention))]
+
+
+@pytest.fixture(scope="module")
+def saved_dir(hf, tmp_path_factory):
+    return save_hf(hf, tmp_path_factory.mktemp("hf_checkpoint"))
+
+
+class PatchedInInit(transformers.AltCLIPModel):
+    """A user who patches inside ``__init__``: ``from_pretrained`` then builds it on the meta device
+    and loads the weights into the patched modules."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        altclip_fast.optimize(self)
+
+
+@pytest.mark.parametrize("when", ["before", "during", "after"])
+@torch.no_grad()
+def test_patch_before_during_and_after_loading(hf, batch, expected, saved_dir, op_calls, when):
+    if when == "before":
+        model = altclip_fast.optimize(transformers.AltCLIPModel(hf.config).eval())
+        model(**batch)  # a forward before loading must not leave stale fused weights behind
+        model.load_state_dict(hf.state_dict())
+    elif when == "during":
+        model = PatchedInInit.from_pretrained(saved_dir).eval()
+        assert any("forward" in mod.__dict__ for mod in model.modules())
+    else:
+        model = altclip_fast.optimize(transformers.AltCLIPModel.from_pretrained(saved_dir).eval())
+    op_calls.clear()
+    assert_close(model(**batch, output_hidden_states=True), expected)
+    assert op_calls["attention"] == 2 * CONFIG.text_config.num_hidden_layers
+
+
+@torch.no_grad()
+def test_load_state_dict_after_patching_uses_the_new_weights(hf, batch, expected):
+    other = random_hf_model(CONFIG, seed=12)
+    model = altclip_fast.optimize(copy.deepcopy(other))
+    model(**batch)
+    model.load_state_dict(hf.state_dict())
+    assert_close(model(**batch, output_hidden_states=True), expected)
+    # and assign=True, which replaces the parameter objects instead of copying into them
+    model.load_state_dict(other.state_dict(), assign=True)
+    assert_close(model(**batch, output_hidden_states=True), other(**batch, output_hidden_states=True))
+
+
+def test_in_place_changes_init_weights_and_optimizer_steps_are_seen(hf, batch):
+    model = altclip_fast.optimize(copy.deepcopy(hf))
+    with torch.no_grad():
+        model(**batch)
+        for mod in attention_modules(model):  # what init functions do: in place, under no_grad
+            for name in mod._altclip_fast_qkv_sources:
+                torch.nn.init.normal_(getattr(mod, name).weight, std=0.05)
+        assert_close(model(**batch), unpatched_copy(model)(**batch))
+
+        before = {name: p.clone() for name, p in model.named_parameters()}
+        for mod in model.modules():  # transformers' own re-initialisation, forced for every module
+            mod.__dict__.pop("_is_hf_initialized", None)
+        model.init_weights()
+        assert any(not torch.equal(p, before[name]) for name, p in model.named_parameters() if "query" in name)
+        assert_close(model(**batch), unpatched_copy(model)(**batch))
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(**batch, return_loss=True).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert_close(model(**batch), unpatched_copy(model)(**batch))
+
+
+@torch.no_grad()
+def test_fused_qkv_is_reused_until_a_source_changes(hf, batch):
+    model = altclip_fast.optimize(copy.deepcopy(hf))
+    model(**batch)
+    module = attention_modules(model)[0]
+    fused = module.__dict__["_altclip_fast_qkv"].weight
+    model(**batch)
+    assert module.__dict__["_altclip_fast_qkv"].weight is fused  # unchanged weights: no copy per call
+    module.query.weight.add_(1.0)
+    model(**batch)
+    rebuilt = module.__dict__["_altclip_fast_qkv"].weight
+    assert rebuilt is not fused and torch.equal(rebuilt[: module.query.weight.shape[0]], module.query.weight)
+    assert not any("_altclip_fast" in name for name, _ in model.named_buffers())
+    assert set(model.state_dict()) == set(hf.state_dict())
+    twin = copy.deepcopy(model)  # a copy starts with nothing cached: it holds other tensors
+    assert twin.text_model.encoder.layer[0].attention.self.__dict__["_altclip_fast_qkv"].weight is None
+    assert_close(twin(**batch), unpatched_copy(model)(**batch))
+
+
+# --------------------------------------------------------------------------- training behaviour
+
+
+def grads_of(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "+".join(k for k, v in s.items() if v))
+def test_backward_through_patched_modules_matches_transformers(hf, batch, op_calls, switches):
+    plain, fast = copy.deepcopy(hf), altclip_fast.optimize(copy.deepcopy(hf), **switches)
+    losses = []
+    for model in (plain, fast):
+        out = model(**batch, output_hidden_states=True)
+        loss = (out.logits_per_image ** 2).sum() + out.text_model_output.last_hidden_state.pow(2).mean()
+        loss = loss + sum(h.pow(2).mean() for h in out.vision_model_output.hidden_states)
+        loss.backward()
+        losses.append(loss.detach())
+    assert sum(op_calls.values()) == 0  # autograd recorded: transformers' own code ran everywhere
+    assert torch.equal(losses[0], losses[1])
+    want, got = grads_of(plain), grads_of(fast)
+    assert set(got) == set(want) and any("query" in name for name in got)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_gradients_to_inputs_of_a_frozen_model(hf, batch, op_calls):
+    plain = copy.deepcopy(hf).requires_grad_(False)
+    fast = altclip_fast.optimize(copy.deepcopy(hf).requires_grad_(False))
+    grads = []
+    for model in (plain, fast):
+        pixels = batch["pixel_values"].clone().requires_grad_()
+        model(**dict(batch, pixel_values=pixels)).image_embeds.sum().backward()
+        grads.append(pixels.grad)
+    assert torch.equal(grads[0], grads[1])
+    # the text tower's inputs need no grad there, so it ran the fast path
+    assert op_calls["linear_add_layer_norm"] == 2 * CONFIG.text_config.num_hidden_layers
+
+
+def set_dropout(model, rate):
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = rate
+        for name in ("dropout", "attention_dropout"):
+            if isinstance(mod.__dict__.get(name), float):
+                setattr(mod, name, rate)
+    return model
+
+
+@torch.no_grad()
+def test_train_mode_with_dropout_runs_transformers_forward(hf, batch, op_calls, monkeypatch):
+    from transformers.models.altclip import modeling_altclip as m
+
+    ran = collections.Counter()
+    for cls in (m.AltRobertaSelfAttention, m.AltRobertaSelfOutput, m.AltRobertaOutput, m.AltCLIPAttention):
+        original = cls.forward
+
+        def counted(self, *args, _original=original, _name=cls.__name__, **kwargs):
+            ran[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", counted)
+    plain = set_dropout(copy.deepcopy(hf), 0.25).train()
+    fast = altclip_fast.optimize(set_dropout(copy.deepcopy(hf), 0.25).train())
+    torch.manual_seed(7)
+    want = plain(**batch, output_hidden_states=True)
+    ran.clear()
+    torch.manual_seed(7)
+    got = fast(**batch, output_hidden_states=True)
+    layers = CONFIG.text_config.num_hidden_layers
+    assert ran == {"AltRobertaSelfAttention": layers, "AltRobertaSelfOutput": layers, "AltRobertaOutput": layers,
+                   "AltCLIPAttention": layers}
+    assert op_calls["attention"] == op_calls["linear_add_layer_norm"] == 0
+    assert_close(got, want)  # the same dropout masks: the fallback draws exactly what transformers draws
+
+    # training mode without dropout changes nothing, so the fast path runs
+    set_dropout(fast, 0.0)
+    op_calls.clear()
+    assert_close(fast(**batch, output_hidden_states=True), set_dropout(plain, 0.0)(**batch, output_hidden_states=True))
+    assert op_calls["attention"] == 2 * layers

@@ -278,11 +278,30 @@ class AltCLIPVisionEmbeddings(nn.Module):
         )
         self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
 
-    def forward(self, pixel_values):
+    def interpolate_pos_encoding(self, embeddings, height: int, width: int):
+        """The position table resized for a ``height`` x ``width`` image, as transformers' CLIP does it:
+        the class position is kept, the patch positions are resized on their square grid (bicubic,
+        ``align_corners=False``, in the table's dtype). A square image with the native number of
+        patches keeps the table as it is."""
+        table = self.position_embedding.weight
+        num_patches, num_positions = embeddings.shape[1] - 1, table.shape[0] - 1
+        if num_patches == num_positions and height == width:
+            return table
+        dim, grid = table.shape[-1], int(num_positions**0.5)
+        patch = self.patch_embedding.stride[0]
+        patch_pos = table[1:].reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(height // patch, width // patch), mode="bicubic", align_corners=False)
+        return torch.cat([table[:1], patch_pos.permute(0, 2, 3, 1).reshape(-1, dim)], dim=0)
+
+    def forward(self, pixel_values, interpolate_pos_encoding: bool = False):
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # [batch, num_patches, hidden]
         cls = self.class_embedding.expand(pixel_values.shape[0], 1, -1)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
+        embeddings = torch.cat([cls, patches], dim=1)
+        if interpolate_pos_encoding:
+            height, width = pixel_values.shape[-2:]
+            return embeddings + self.interpolate_pos_encoding(embeddings, height, width)
+        return embeddings + self.position_embedding.weight
 
 
 class AltCLIPAttention(nn.Module):
@@ -335,12 +354,19 @@ class AltCLIPEncoder(nn.Module):
         return _run_layers(self.layers, hidden_states, mask)
 
 
-def _check_pixels(config: AltCLIPVisionConfig, pixel_values):
+def _check_pixels(config: AltCLIPVisionConfig, pixel_values, interpolate_pos_encoding: bool = False):
     expected = (config.num_channels, config.image_size, config.image_size)
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != config.num_channels:
         raise ValueError(f"pixel_values must be [batch, {', '.join(map(str, expected))}], got {tuple(pixel_values.shape)}")
+    height, width = pixel_values.shape[-2:]
+    if not interpolate_pos_encoding and (height, width) != expected[1:]:
+        raise ValueError(
+            f"Input image size ({height}*{width}) doesn't match model ({config.image_size}*{config.image_size})."
+        )
+    if min(height, width) < config.patch_size:
+        raise ValueError(f"pixel_values of {height}x{width} hold no whole {config.patch_size}x{config.patch_size} patch")
 
 
 class AltCLIPVisionTransformer(nn.Module):
@@ -354,9 +380,12 @@ class AltCLIPVisionTransformer(nn.Module):
         self.encoder = AltCLIPEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values, output_attentions=False, output_hidden_states=False, return_dict=True):
-        _check_pixels(self.config, pixel_values)
-        hidden = self.pre_layrnorm(self.embeddings(pixel_values))
+    def forward(
+        self, pixel_values, output_attentions=False, output_hidden_states=False, return_dict=True,
+        interpolate_pos_encoding: bool = False,
+    ):
+        _check_pixels(self.config, pixel_values, interpolate_pos_encoding)
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
         last, all_hidden, all_probs = self.encoder(hidden)
         output = BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=self.post_layernorm(last[:, 0]))
         return _finish(output, output_hidden_states, output_attentions, all_hidden, all_probs, return_dict)
@@ -370,8 +399,11 @@ class AltCLIPVisionModel(_FromPretrained, nn.Module):
         self.config = config
         self.vision_model = AltCLIPVisionTransformer(config)
 
-    def forward(self, pixel_values, output_attentions=False, output_hidden_states=False, return_dict=True):
-        return self.vision_model(pixel_values, output_attentions, output_hidden_states, return_dict)
+    def forward(
+        self, pixel_values, output_attentions=False, output_hidden_states=False, return_dict=True,
+        interpolate_pos_encoding: bool = False,
+    ):
+        return self.vision_model(pixel_values, output_attentions, output_hidden_states, return_dict, interpolate_pos_encoding)
 
 
 # --------------------------------------------------------------------------- the dual encoder
@@ -403,9 +435,10 @@ class AltCLIPModel(_FromPretrained, nn.Module):
         ).pooler_output
         return self.text_projection(pooled)
 
-    def get_image_features(self, pixel_values=None):
+    def get_image_features(self, pixel_values=None, interpolate_pos_encoding: bool = False):
         """Projected (not normalised) image embeddings, ``[batch, projection_dim]``."""
-        return self.visual_projection(self.vision_model(pixel_values).pooler_output)
+        pooled = self.vision_model(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).pooler_output
+        return self.visual_projection(pooled)
 
     def forward(
         self,
@@ -418,6 +451,7 @@ class AltCLIPModel(_FromPretrained, nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         return_dict: bool = True,
+        interpolate_pos_encoding: bool = False,
     ):
         if input_ids is None or pixel_values is None:
             raise ValueError(
@@ -429,7 +463,7 @@ class AltCLIPModel(_FromPretrained, nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             token_type_ids=token_type_ids, **flags,
         )
-        vision_outputs = self.vision_model(pixel_values, **flags)
+        vision_outputs = self.vision_model(pixel_values, **flags, interpolate_pos_encoding=interpolate_pos_encoding)
         image_embeds = self.visual_projection(vision_outputs.pooler_output)
         text_embeds = self.text_projection(text_outputs.pooler_output)
         image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..model_files import WEIGHTS_FILES, find_weights, read_json, resolve_model_dir
-from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig, read_config_json
+from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig, is_flagai_config, read_config_json
 
 __all__ = [
     "read_state_dict",
@@ -81,15 +81,20 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
 
 # Buffers that older files saved and that the models recompute: position ids, token type ids.
 _STALE_BUFFER = re.compile(r"(^|\.)(position_ids|token_type_ids)$")
+# A head that FlagAI's AltCLIP code (which trained AltCLIP-m9/m18) builds and saves but CLIP inference
+# never reads: ``transformation_pre`` projects the penultimate text layer for AltDiffusion.
+# transformers' AltCLIP has no such module and skips it the same way.
+_UNUSED_HEAD = re.compile(r"(^|\.)transformation_pre\.(weight|bias)$")
 _VISION_LAYER = re.compile(r"^(|.*\.)(vision_model\.encoder)\.layer\.(\d+)\.")
 _TEXT_LAYER = re.compile(r"^(|.*\.)(roberta\.encoder)\.layers\.(\d+)\.")
 
 
 def canonicalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename keys to the transformers 4.38 layout and drop stale buffers."""
+    """Rename keys to the transformers 4.38 layout and drop stale buffers and FlagAI's unused
+    ``transformation_pre`` head."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if _STALE_BUFFER.search(key):
+        if _STALE_BUFFER.search(key) or _UNUSED_HEAD.search(key):
             continue
         key = _VISION_LAYER.sub(r"\1\2.layers.\3.", key)
         key = _TEXT_LAYER.sub(r"\1\2.layer.\3.", key)
@@ -175,6 +180,8 @@ def load_checkpoint(path_or_id: str | os.PathLike, part: str = "model") -> Check
     model_dir = resolve_model_dir(path_or_id)
     raw = read_config_json(model_dir / "config.json")
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if is_flagai_config(raw):  # a whole AltCLIP under CLIP's name (see AltCLIPConfig.from_dict)
+        model_type = AltCLIPConfig.model_type
     weights = find_weights(model_dir)
     state = read_state_dict(model_dir)
     source = str(weights)

@@ -219,6 +219,15 @@ class AltCLIPConfig:
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
         if "model_type" not in data:
             raise ConfigError("config is missing the required field 'model_type' (expected 'altclip')")
+        if is_flagai_config(data):
+            # FlagAI's own AltCLIPConfig (a CLIPConfig; AltCLIP-m9's model card loads it through FlagAI)
+            # names the model and its sections after CLIP and XLM-R. The fields and the weights are
+            # AltCLIP's, and transformers reads such a file as AltCLIP (with a warning): so do we.
+            data = dict(data, model_type=cls.model_type)
+            for name, sub in (("text_config", AltCLIPTextConfig), ("vision_config", AltCLIPVisionConfig)):
+                for key in (name, f"{name}_dict"):
+                    if isinstance(data.get(key), dict):
+                        data[key] = dict(data[key], model_type=sub.model_type)
         if data["model_type"] != cls.model_type:
             raise ConfigError(f"model_type must be 'altclip', got {data['model_type']!r}")
         sections = {}
@@ -231,8 +240,9 @@ class AltCLIPConfig:
             for key, value in ((name, section), (f"{name}_dict", override)):
                 if value is not None and not isinstance(value, dict):
                     raise ConfigError(f"config field {key!r} must be a JSON object, got {type(value).__name__}")
-            merged = {**(section or {}), **(override or {})}
-            sections[name] = sub.from_dict(merged)
+            # transformers expands `<name>_dict` with its own defaults and then lets every field of that
+            # expansion replace the section's: with a `_dict`, the section's values no longer count.
+            sections[name] = sub.from_dict(section if override is None else override)
         kwargs = {k: data[k] for k in ("projection_dim", "logit_scale_init_value") if k in data}
         return cls(**sections, **kwargs)
 
@@ -253,6 +263,12 @@ class AltCLIPConfig:
             "projection_dim": self.projection_dim,
             "logit_scale_init_value": self.logit_scale_init_value,
         }
+
+
+def is_flagai_config(data: Any) -> bool:
+    """A config.json written by FlagAI's AltCLIPConfig: model_type ``clip`` with an ``xlm-roberta`` text tower."""
+    text = data.get("text_config") if isinstance(data, dict) else None
+    return data.get("model_type") == "clip" and isinstance(text, dict) and text.get("model_type") == "xlm-roberta"
 
 
 def read_config_json(path: str | os.PathLike) -> Any:

@@ -97,7 +97,14 @@ class AltCLIPImageProcessor:
         do_convert_rgb: bool = True,
         exif_transpose: bool = True,
         fast_decode: bool = False,
+        image_size: int | None = None,
     ):
+        if image_size is not None:
+            # Another input size for the model (which then interpolates its position embeddings):
+            # the shortest edge is resized to it and a square of it is cropped from the centre.
+            if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+                raise AltCLIPError(f"image_size must be a positive integer, got {image_size!r}")
+            do_resize, size, do_center_crop, crop_size = True, {"shortest_edge": image_size}, True, image_size
         self.do_resize = bool(do_resize)
         self.size = _size_dict(size, square=False, name="size")
         self.resample = Image.Resampling(int(resample))

@@ -48,17 +48,20 @@ class AltCLIPProcessor:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id: str | os.PathLike, *, exif_transpose: bool = True, fast_decode: bool = False
+        cls, path_or_id: str | os.PathLike, *, exif_transpose: bool = True, fast_decode: bool = False,
+        image_size: int | None = None,
     ) -> "AltCLIPProcessor":
         """Read the tokenizer and preprocessor files of a model directory or hub id. ``exif_transpose``
-        and ``fast_decode`` are ``AltCLIPImageProcessor`` options (see its module doc)."""
+        and ``fast_decode`` are ``AltCLIPImageProcessor`` options (see its module doc). ``image_size``
+        replaces the file's resize and crop: shortest edge to ``image_size``, then a centre crop of
+        ``image_size`` x ``image_size`` (run the model with ``interpolate_pos_encoding=True``)."""
         from ..model_files import resolve_model_dir
 
         directory = Path(resolve_model_dir(path_or_id))
-        return cls(
-            AltCLIPTokenizer.from_pretrained(directory),
-            AltCLIPImageProcessor.from_pretrained(directory, exif_transpose=exif_transpose, fast_decode=fast_decode),
-        )
+        options = dict(exif_transpose=exif_transpose, fast_decode=fast_decode)
+        if image_size is not None:
+            options["image_size"] = image_size
+        return cls(AltCLIPTokenizer.from_pretrained(directory), AltCLIPImageProcessor.from_pretrained(directory, **options))
 
     def __call__(
         self,

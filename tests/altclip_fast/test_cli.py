@@ -138,9 +138,10 @@ def test_embed_killed_then_resumed_reuses_written_batches(work, full_run):
     killed = run_cli(*cmd, cwd=work, env={"_ALTCLIP_FAST_CRASH_AFTER_BATCHES": "1"})
     assert killed.returncode == -9, killed.stderr  # SIGKILL right after the first batch file
     partial = out.parent / ".photos.npy.partial"
-    # Nothing poses as complete: no output, no metadata, one finished batch.
-    assert sorted(p.name for p in out.parent.iterdir()) == [".photos.npy.partial"]
-    assert sorted(p.name for p in partial.iterdir()) == ["batch-000000.npz", "plan.json"]
+    # Nothing poses as complete: no output, no metadata, one finished batch (and the dead run's lock
+    # file, which holds no lock once its process is gone).
+    assert sorted(p.name for p in out.parent.iterdir()) == [".photos.npy.lock", ".photos.npy.partial"]
+    assert sorted(p.name for p in partial.iterdir()) == ["batch-000000.npz", "inputs.json", "plan.json"]
 
     # A second run without --resume refuses to mix with the interrupted one.
     assert_one_line_error(run_cli(*cmd, cwd=work), "pass --resume")
@@ -170,6 +171,41 @@ def test_embed_killed_then_resumed_reuses_written_batches(work, full_run):
     again = run_cli(*cmd, "--resume", cwd=work)
     assert again.returncode == 0 and "already complete" in again.stdout
     np.testing.assert_array_equal(np.load(out), before)
+
+
+def test_embed_killed_after_the_last_batch_resumes_without_recomputing(work):
+    out = work / "last" / "c.npy"
+    out.parent.mkdir()
+    cmd = ["embed", "captions.txt", "--out", out, "--model", "model", "--batch-size", 3, *CPU_FP32]
+    assert run_cli(*cmd, cwd=work, env={"_ALTCLIP_FAST_CRASH_AFTER_BATCHES": "2"}).returncode == -9  # both batches
+    resumed = run_cli(*cmd, "--resume", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "embedded 4 captions" in resumed.stdout and "(4 reused from the interrupted run, 0 computed now)" in resumed.stdout
+
+
+def test_embed_killed_while_publishing_an_overwrite_never_pairs_output_and_meta_of_two_runs(work):
+    """Killed after the new output is renamed into place and before its metadata is: the old metadata
+    is already gone, a plain rerun mentions the saved run, and --resume publishes a matching pair."""
+    from altclip_fast.apps.embed import load_embeddings, published_mismatch
+
+    out = work / "publish" / "c.npy"
+    out.parent.mkdir()
+    cmd = ["embed", "captions.txt", "--out", out, "--model", "model", "--batch-size", 3, *CPU_FP32]
+    assert run_cli(*cmd, cwd=work).returncode == 0
+    old, old_meta = load_embeddings(out)
+    killed = run_cli(*cmd, "--overwrite", "--normalize", cwd=work, env={"_ALTCLIP_FAST_CRASH_BEFORE_META": "1"})
+    assert killed.returncode == -9, killed.stderr
+    assert not Path(f"{out}.meta.json").exists() and published_mismatch(out) is not None
+    assert not np.array_equal(np.load(out), old)  # the new output is in place, without metadata
+
+    assert_one_line_error(run_cli(*cmd, cwd=work), "an interrupted run of it is saved")
+    resumed = run_cli(*cmd, "--overwrite", "--normalize", "--resume", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "4 reused from the interrupted run, 0 computed now" in resumed.stdout
+    embeddings, meta = load_embeddings(out, verify=True)
+    assert meta["normalized"] is True and meta["rows"] == old_meta["rows"]
+    np.testing.assert_allclose(embeddings, old / np.linalg.norm(old, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.npy", "c.npy.meta.json"]
 
 
 def test_embed_resume_refuses_other_settings_and_redoes_torn_batches(work, full_run):

@@ -181,6 +181,22 @@ def test_large_mean_rows_keep_precision():
     torch.testing.assert_close(y, expected, atol=1e-3, rtol=1e-3)
 
 
+def test_large_mean_from_the_residual_normalises_each_row():
+    """A second, reference-free check of the variance: the large mean arrives through the residual and
+    x_bias adds (the post-LN pattern), and each output row must have mean 0 and variance 1."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(5, 192, generator=g).to(DEVICE)
+    residual = torch.full((5, 192), 3e3).to(DEVICE)
+    x_bias = torch.full((192,), 250.0).to(DEVICE)
+    w, b = torch.ones(192, device=DEVICE), torch.zeros(192, device=DEVICE)
+    y, s = add_layer_norm(x, w, b, residual=residual, x_bias=x_bias, return_sum=True)
+    torch.testing.assert_close(s, x + x_bias + residual, **FP32_TOL)
+    y = y.double()
+    torch.testing.assert_close(y.mean(dim=1), torch.zeros(5, dtype=torch.float64, device=DEVICE), atol=1e-3, rtol=0)
+    torch.testing.assert_close(y.var(dim=1, unbiased=False), torch.ones(5, dtype=torch.float64, device=DEVICE),
+                               atol=2e-3, rtol=0)
+
+
 @pytest.mark.parametrize("eps", [1e-12, 1e-5, 0.1])
 def test_eps_is_honoured(eps):
     inp = _inputs(3, 64, torch.float32, seed=13)

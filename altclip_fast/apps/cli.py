@@ -289,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes that decode and resize images (default: one per spare "
                         "CPU core, up to 16)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run, reusing its written batches")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and discard a partial run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (also one started with --overwrite), reusing its written batches")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output; discards an interrupted run unless --resume is given too")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_embed)
 
@@ -312,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     except AltCLIPError as exc:
         print(f"altclip-fast: error: {_one_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
-    except KeyboardInterrupt:
-        print("altclip-fast: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # One line: embed's Interrupted carries what is saved and how to finish; a bare Ctrl-C has no text.
+        detail = f"; {exc}" if str(exc) else ""
+        print(f"altclip-fast: interrupted{detail}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `altclip-fast classify ... | head`: the reader left; nothing to report.

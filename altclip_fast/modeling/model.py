@@ -66,9 +66,21 @@ def checkpoint_shapes(config: AltCLIPConfig) -> dict[str, tuple[int, ...]]:
     return checkpoint_shapes_for(model_key_map(config), _param_shapes(model))
 
 
+def _check_device(device) -> None:
+    """A CUDA device on a machine without one is a clear error, not torch's bare AssertionError from
+    deep inside the first copy to it."""
+    if device is None or torch.device(device).type != "cuda" or torch.cuda.is_available():
+        return
+    from ..errors import AltCLIPError
+
+    why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+    raise AltCLIPError(f"device={str(device)!r}: CUDA is not available on this machine ({why}); use device='cpu'")
+
+
 def _load_fused(module: nn.Module, mapping, state_dict, *, dtype, device, source: str) -> None:
     """Check ``state_dict`` (canonical keys) against what ``module`` needs, build the fused tensors, and
     assign them. Every checkpoint key is consumed and every parameter filled, or CheckpointError."""
+    _check_device(device)
     check_state_dict(checkpoint_shapes_for(mapping, _param_shapes(module)), state_dict, source)
     fast = fuse_state_dict(mapping, state_dict)
     owners = [m for m in module.modules() if isinstance(m, (_Tower, AltCLIPModel))]

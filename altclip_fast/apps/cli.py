@@ -99,10 +99,23 @@ def load_model(model_dir: Path, device, dtype):
     return AltCLIPModel.from_pretrained(model_dir, dtype=dtype, device=device).eval()
 
 
-def load_processor(model_dir: Path, *, exif_transpose: bool = True, fast_decode: bool = False):
+def load_processor(model_dir: Path, *, exif_transpose: bool = True, fast_decode: bool = False, image_size=None):
     from ..preprocessing.processor import AltCLIPProcessor
 
-    return AltCLIPProcessor.from_pretrained(model_dir, exif_transpose=exif_transpose, fast_decode=fast_decode)
+    return AltCLIPProcessor.from_pretrained(
+        model_dir, exif_transpose=exif_transpose, fast_decode=fast_decode, image_size=image_size
+    )
+
+
+def check_image_size(image_size: int | None, model_dir: Path) -> None:
+    """``--image-size`` must hold at least one patch of the model's vision tower."""
+    if image_size is None:
+        return
+    from ..modeling.config import AltCLIPConfig
+
+    patch = AltCLIPConfig.from_pretrained(model_dir).vision_config.patch_size
+    if image_size < patch:
+        raise UsageError(f"--image-size must be at least the model's patch size {patch}, got {image_size}")
 
 
 class Session:
@@ -113,8 +126,14 @@ class Session:
         self.device = pick_device(args.device)
         self.dtype = pick_dtype(args.dtype, self.device)
         self.model_dir = resolve_model(args.model)
+        # Another image size than the model's: the processor resizes and crops to it and the model
+        # resizes its position embeddings to match (interpolate_pos_encoding).
+        self.image_size = getattr(args, "image_size", None)
+        check_image_size(self.image_size, self.model_dir)
+        self.interpolate_pos_encoding = self.image_size is not None
         self.processor = load_processor(
-            self.model_dir, exif_transpose=not args.no_exif_transpose, fast_decode=args.fast_decode
+            self.model_dir, exif_transpose=not args.no_exif_transpose, fast_decode=args.fast_decode,
+            image_size=self.image_size,
         )
         self._model = None
 
@@ -183,7 +202,9 @@ def cmd_classify(args) -> int:
             if not crops:
                 continue
             pixels = torch.from_numpy(ip.to_pixel_values(crops)).to(session.device, session.dtype)
-            image_embeds = model.get_image_features(pixels).float()
+            image_embeds = model.get_image_features(
+                pixels, interpolate_pos_encoding=session.interpolate_pos_encoding
+            ).float()
             image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
             probs = (scale * image_embeds @ label_embeds.T).softmax(dim=-1).cpu()
             k = min(args.top_k, len(labels))
@@ -265,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--fast-decode", action="store_true",
                        help="decode large JPEGs at reduced scale (faster on camera photos; "
                             "pixels differ slightly from transformers')")
+    group.add_argument("--image-size", type=int, default=None, metavar="N",
+                       help="run images at N x N pixels (shortest edge resized to N, centre crop) instead of "
+                            "the model's own size; the position embeddings are interpolated to match")
 
     parser = _Parser(prog="altclip-fast", description="Fast multilingual CLIP (AltCLIP): classify, embed, bench.")
     sub = parser.add_subparsers(dest="command", metavar="{classify,embed,bench}")

@@ -504,7 +504,9 @@ def _embed(session, kind: str, payload, normalize: bool) -> np.ndarray:
         if kind == "image":
             # Normalised on the model's device: uint8 travels, float32 is made where it is used.
             pixels = session.processor.image_processor.to_pixel_values_torch(payload.to(device))
-            features = model.get_image_features(pixels.to(session.dtype))
+            features = model.get_image_features(
+                pixels.to(session.dtype), interpolate_pos_encoding=getattr(session, "interpolate_pos_encoding", False)
+            )
         else:
             features = model.get_text_features(payload["input_ids"].to(device), payload["attention_mask"].to(device))
         features = features.float()

@@ -26,7 +26,6 @@ Where it differs from transformers (documented, deliberate):
   attention part to run several times slower and to use that much more memory.
 - ``get_text_features`` / ``get_image_features`` return tensors (the reference's and transformers 4's
   API), not transformers 5's output objects.
-- ``interpolate_pos_encoding`` is not supported.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from torch import nn
 
 from ..dtypes import resolve_dtype
 from .checkpoint import check_state_dict, load_checkpoint, load_into
+from .compat import InferenceAPI, check_call_kwargs, device_arg, dtype_arg, read_pretrained, with_loading_info
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
 from ..ops import PackedLayout, PaddedLayout, get_ops, resolve_backend
 from .layers import EncoderLayer, derived_nbytes
@@ -102,20 +102,18 @@ def _prepare_after_load(module, incompatible_keys) -> None:
         module.prepare()
 
 
-def _dtype_arg(dtype, torch_dtype):
-    """``dtype``, or transformers 4's name for it, for code written against transformers."""
-    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree")
-    return dtype if dtype is not None else torch_dtype
-
-
-def _load_pretrained(cls, part: str, key_map_fn, path_or_id, *, dtype, device, backend, strip: str = ""):
-    ckpt = load_checkpoint(path_or_id, part)
+def _load_pretrained(cls, part: str, key_map_fn, path_or_id, *, backend, strip: str = "", **options):
+    """A tower's ``from_pretrained``; ``options``: dtype, torch_dtype, device, device_map and transformers'
+    other keywords, each honoured or refused by name (``compat.read_pretrained``)."""
+    ckpt, dtype, device, loading_info = read_pretrained(
+        path_or_id, part, dtype=options.pop("dtype"), torch_dtype=options.pop("torch_dtype"),
+        device=options.pop("device"), device_map=options.pop("device_map"), kwargs=options,
+    )
     state = {(k[len(strip):] if strip and k.startswith(strip) else k): v for k, v in ckpt.state_dict.items()}
     with torch.device("meta"):
         model = cls(ckpt.config, backend=backend)
     _load_fused(model, key_map_fn(ckpt.config), state, dtype=resolve_dtype(dtype), device=device, source=ckpt.source)
-    return model.eval()
+    return with_loading_info(model.eval(), loading_info)
 
 
 def _save_pretrained(module: nn.Module, key_map, config: dict, architecture: str, save_directory) -> None:
@@ -135,6 +133,16 @@ def _save_pretrained(module: nn.Module, key_map, config: dict, architecture: str
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def interpolate_positions(table: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A ``[1 + n*n, hidden]`` position table (class position first, then an ``n x n`` patch grid)
+    resized to a ``rows x cols`` grid as transformers' CLIP ``interpolate_pos_encoding`` does it:
+    bicubic, ``align_corners=False``, in the table's dtype; the class position is kept."""
+    dim, grid = table.shape[-1], round((table.shape[0] - 1) ** 0.5)
+    patch = table[1:].reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=(rows, cols), mode="bicubic", align_corners=False)
+    return torch.cat([table[:1], patch.permute(0, 2, 3, 1).reshape(rows * cols, dim)]).contiguous()
+
+
 def roberta_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
     """RoBERTa (fairseq ``make_positions``) position ids: real tokens count from ``padding_idx + 1`` in
     row order, pads keep ``padding_idx``. Defined on the padded grid, so packing cannot change them."""
@@ -148,7 +156,7 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     return (F.cross_entropy(logits_per_text, targets) + F.cross_entropy(logits_per_text.t(), targets)) / 2
 
 
-class _Tower(nn.Module):
+class _Tower(InferenceAPI, nn.Module):
     """What both towers share: dtype/device/backend bookkeeping, the prepare step, loading.
 
     ``ops`` is the op set resolved for the tower's device and ``backend``; ``prepare`` resolves it and
@@ -263,11 +271,22 @@ class AltCLIPTextModel(_Tower):
     def _own_weights(self) -> dict[str, torch.Tensor]:
         return {"transformation.weight": self.transformation.weight}
 
+    main_input_name = "input_ids"
+    base_model_prefix = "roberta"
+
     @classmethod
-    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None):
-        """Load the text tower of an AltCLIP checkpoint directory (or hub id), or a text-tower-only one."""
-        dtype = _dtype_arg(dtype, torch_dtype)
-        return _load_pretrained(cls, "text", text_key_map, path_or_id, dtype=dtype, device=device, backend=backend)
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None,
+                        device_map=None, **kwargs):
+        """Load the text tower of an AltCLIP checkpoint directory (or hub id), or a text-tower-only one.
+        transformers' keywords: see :meth:`AltCLIPModel.from_pretrained`."""
+        return _load_pretrained(
+            cls, "text", text_key_map, path_or_id, dtype=dtype, torch_dtype=torch_dtype, device=device,
+            device_map=device_map, backend=backend, **kwargs,
+        )
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The word embeddings, as transformers' ``AltCLIPTextModel`` returns them."""
+        return self.word_embeddings
 
     def save_pretrained(self, save_directory) -> None:
         """Write a standalone text-tower checkpoint that transformers 5's ``AltCLIPTextModel`` and
@@ -283,15 +302,17 @@ class AltCLIPTextModel(_Tower):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
     ):
+        check_call_kwargs("AltCLIPTextModel.forward", kwargs)
         out = self.encode(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
         )
-        return out if return_dict else out.to_tuple()
+        return out.to_tuple() if return_dict is False else out
 
     def _check_inputs(self, input_ids, attention_mask, inputs_embeds, *, pooled_only, output_attentions,
                       output_hidden_states):
@@ -436,6 +457,9 @@ class AltCLIPVisionModel(_Tower):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.config = config
+        # (height, width, dtype, device) -> position table resized for that image size. A plain dict,
+        # not a buffer: it is derived, like the backend's prepared weights, and never saved.
+        self._position_cache: dict[tuple, torch.Tensor] = {}
         self.backend = backend
         h, c, p = config.hidden_size, config.num_channels, config.patch_size
         self.class_embedding = nn.Parameter(torch.empty(h, **kw))
@@ -456,14 +480,49 @@ class AltCLIPVisionModel(_Tower):
     def _own_weights(self) -> dict[str, torch.Tensor]:
         return {"patch_embedding": self.patch_embedding.view(self.config.hidden_size, -1)}
 
+    def prepare(self, sources=None) -> None:
+        # The resized position tables derive from position_embedding, which changes value only where
+        # prepare runs (loading, load_state_dict, .to()/.half(), a new backend) or where the caller
+        # must call prepare() anyway (in-place edits): emptying the cache here keeps it current.
+        self._position_cache = {}
+        super().prepare(sources)
+
+    def _positions(self, height: int, width: int) -> torch.Tensor:
+        """The position table for a ``height`` x ``width`` image (``interpolate_pos_encoding``), computed
+        once per size, dtype and device: a server or an embed run pays for the resize once."""
+        cfg = self.config
+        p = cfg.patch_size
+        # transformers' rule: a square image with the native number of patches keeps the table.
+        if (height // p) * (width // p) == cfg.num_patches and height == width:
+            return self.position_embedding
+        key = (height, width, self.dtype, self.device)
+        table = self._position_cache.get(key)
+        if table is None:
+            table = interpolate_positions(self.position_embedding.detach(), height // p, width // p)
+            self._position_cache[key] = table
+        return table
+
     @classmethod
-    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None):
-        """Load the vision tower of an AltCLIP checkpoint directory (or hub id), or a vision-only one."""
+    def from_pretrained(cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None,
+                        device_map=None, **kwargs):
+        """Load the vision tower of an AltCLIP checkpoint directory (or hub id), or a vision-only one.
+        transformers' keywords: see :meth:`AltCLIPModel.from_pretrained`."""
         # Vision keys keep their "vision_model." prefix (as in transformers); this tower is flat.
         return _load_pretrained(
-            cls, "vision", vision_key_map, path_or_id, dtype=_dtype_arg(dtype, torch_dtype), device=device, backend=backend,
-            strip="vision_model.",
+            cls, "vision", vision_key_map, path_or_id, dtype=dtype, torch_dtype=torch_dtype, device=device,
+            device_map=device_map, backend=backend, strip="vision_model.", **kwargs,
         )
+
+    main_input_name = "pixel_values"
+
+    def get_input_embeddings(self) -> nn.Conv2d:
+        """The patch embedding as the ``nn.Conv2d`` transformers returns (stride = kernel = patch size, no
+        bias). It shares this model's parameter; the model itself runs it as a GEMM."""
+        c, p = self.config.num_channels, self.config.patch_size
+        with torch.device("meta"):
+            conv = nn.Conv2d(c, self.config.hidden_size, p, stride=p, bias=False)
+        conv.weight = self.patch_embedding
+        return conv
 
     def save_pretrained(self, save_directory) -> None:
         """Write a standalone vision-tower checkpoint that transformers' ``AltCLIPVisionModel`` and
@@ -476,16 +535,35 @@ class AltCLIPVisionModel(_Tower):
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        return_dict: bool = True,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         interpolate_pos_encoding: bool = False,
+        **kwargs,
     ):
+        check_call_kwargs("AltCLIPVisionModel.forward", kwargs)
         out = self.encode(
-            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            pixel_values, output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        return out if return_dict else out.to_tuple()
+        return out.to_tuple() if return_dict is False else out
+
+    def _empty_outputs(self, seqlen: int, pooled_only: bool, output_attentions: bool, output_hidden_states: bool):
+        """What ``encode`` returns for no images: every output with a batch dimension of 0."""
+        cfg, kw = self.config, dict(device=self.device, dtype=self.dtype)
+        h, heads = cfg.hidden_size, cfg.num_attention_heads
+        pooled = torch.empty(0, h, **kw)
+        if pooled_only:
+            return pooled
+        layers = len(self.layers)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=torch.empty(0, seqlen, h, **kw),
+            pooler_output=pooled,
+            hidden_states=tuple(torch.empty(0, seqlen, h, **kw) for _ in range(layers + 1))
+            if output_hidden_states else None,
+            attentions=tuple(torch.empty(0, heads, seqlen, seqlen, **kw) for _ in range(layers))
+            if output_attentions else None,
+        )
 
     def encode(
         self,
@@ -500,8 +578,6 @@ class AltCLIPVisionModel(_Tower):
         tensor, computing the last layer for the class token alone."""
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
-        if interpolate_pos_encoding:
-            raise NotImplementedError("interpolate_pos_encoding is not supported by altclip_fast")
         if pooled_only and (output_attentions or output_hidden_states):
             raise ValueError("pooled_only computes no per-layer outputs")
         cfg = self.config
@@ -512,26 +588,33 @@ class AltCLIPVisionModel(_Tower):
                 f"got {tuple(pixel_values.shape)}"
             )
         batch, _, height, width = pixel_values.shape
-        if (height, width) != (cfg.image_size, cfg.image_size):
+        native = (height, width) == (cfg.image_size, cfg.image_size)
+        if not native and not interpolate_pos_encoding:
             raise ValueError(
                 f"Input image size ({height}*{width}) doesn't match model ({cfg.image_size}*{cfg.image_size})."
             )
+        p = cfg.patch_size
+        rows, cols = height // p, width // p
+        if rows == 0 or cols == 0:
+            raise ValueError(f"pixel_values of {height}x{width} hold no whole {p}x{p} patch")
+        if batch == 0:  # empty outputs of the right shapes: kernels and reshapes need a token
+            return self._empty_outputs(1 + rows * cols, pooled_only, output_attentions, output_hidden_states)
+        positions = self.position_embedding if native else self._positions(height, width)
         pixel_values = pixel_values.to(device=device, dtype=dtype)
-        p, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
-        h, seqlen = cfg.hidden_size, cfg.num_positions
+        h, seqlen = cfg.hidden_size, 1 + rows * cols
         # Patches in the conv's (channel, row, col) order; a conv with stride = kernel ignores the
         # pixels past the last whole patch, and so does this.
         patches = (
-            pixel_values[:, :, : grid * p, : grid * p]
-            .reshape(batch, cfg.num_channels, grid, p, grid, p)
+            pixel_values[:, :, : rows * p, : cols * p]
+            .reshape(batch, cfg.num_channels, rows, p, cols, p)
             .permute(0, 2, 4, 1, 3, 5)
-            .reshape(batch * grid * grid, -1)
+            .reshape(batch * rows * cols, cfg.num_channels * p * p)  # no -1: an empty batch has no size to infer
         )
         patch_embeds = ops.linear(patches, self._weight("patch_embedding"))
         x = torch.empty((batch, seqlen, h), device=device, dtype=dtype)
         x[:, 0] = self.class_embedding
-        x[:, 1:] = patch_embeds.view(batch, grid * grid, h)
-        x += self.position_embedding
+        x[:, 1:] = patch_embeds.view(batch, rows * cols, h)
+        x += positions
         x = ops.layer_norm(x.view(batch * seqlen, h), self.pre_norm.weight, self.pre_norm.bias, cfg.layer_norm_eps)
 
         layout = PaddedLayout(batch, seqlen, None)
@@ -553,7 +636,7 @@ class AltCLIPVisionModel(_Tower):
         )
 
 
-class AltCLIPModel(nn.Module):
+class AltCLIPModel(InferenceAPI, nn.Module):
     """Both towers, their projections and the learned temperature. Same API as ``reference.AltCLIPModel``.
 
     The backend (``backend``, else ``$ALTCLIP_FAST_BACKEND``, else by device) is resolved once: when the
@@ -639,25 +722,39 @@ class AltCLIPModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None
+        cls, path_or_id, dtype=None, device=None, backend: str | None = None, *, torch_dtype=None, device_map=None,
+        **kwargs,
     ) -> "AltCLIPModel":
         """Load a checkpoint directory (or hub id) as ``reference.AltCLIPModel.from_pretrained`` does.
 
-        ``dtype``: float32 (default), float16 or bfloat16 (or their names); weights are converted
-        once, here. ``torch_dtype`` is accepted as transformers 4 spells it. ``backend``: see :attr:`backend`.
+        ``dtype``: float32 (default), float16 or bfloat16 (or their names), or ``"auto"`` (the config's
+        dtype, else the checkpoint's); weights are converted once, here. ``backend``: see :attr:`backend`.
+        transformers' keywords: ``torch_dtype`` (its old name for ``dtype``); ``device_map`` (one device,
+        an index, ``"auto"``, or a dict placing everything on one device); ``revision``, ``cache_dir``,
+        ``local_files_only``, ``token``, ``force_download``, ``subfolder`` (hub ids); ``config``;
+        ``output_loading_info``; ``use_safetensors``; ``attn_implementation`` (accepted: every choice
+        gives the same outputs, and the fast model runs its own attention). The others are refused by
+        name with the reason (``compat.REFUSED``), unless given their default.
         """
-        ckpt = load_checkpoint(path_or_id, "model")
-        return cls.from_state_dict(
-            ckpt.config, ckpt.state_dict, dtype=_dtype_arg(dtype, torch_dtype), device=device, backend=backend,
-            source=ckpt.source,
+        ckpt, dtype, device, loading_info = read_pretrained(
+            path_or_id, "model", dtype=dtype, torch_dtype=torch_dtype, device=device, device_map=device_map,
+            kwargs=kwargs,
         )
+        model = cls.from_state_dict(
+            ckpt.config, ckpt.state_dict, dtype=dtype, device=device, backend=backend, source=ckpt.source
+        )
+        return with_loading_info(model, loading_info)
 
     @classmethod
     def from_state_dict(
         cls, config: AltCLIPConfig, state_dict: Mapping[str, torch.Tensor], *, dtype=None, device=None,
-        backend: str | None = None, source: str = "state dict",
+        backend: str | None = None, source: str = "state dict", torch_dtype=None, device_map=None,
     ) -> "AltCLIPModel":
-        """Build from a state dict in the canonical key layout (``checkpoint.canonicalize_keys``)."""
+        """Build from a state dict in the canonical key layout (``checkpoint.canonicalize_keys``).
+        ``dtype`` / ``torch_dtype`` and ``device`` / ``device_map`` as in :meth:`from_pretrained`."""
+        dtype, device = dtype_arg(dtype, torch_dtype), device_arg(device, device_map)
+        if isinstance(dtype, str) and dtype == "auto":
+            dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
         with torch.device("meta"):
             model = cls(config, backend=backend)
         _load_fused(
@@ -665,24 +762,61 @@ class AltCLIPModel(nn.Module):
         )
         return model.eval()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The text tower's word embeddings (``input_ids`` is the main input). transformers' AltCLIPModel
+        raises NotImplementedError here."""
+        return self.text_model.get_input_embeddings()
+
     def save_pretrained(self, save_directory) -> None:
         """Write ``config.json`` and ``model.safetensors`` (canonical keys, the model's dtype), which
         transformers' ``AltCLIPModel.from_pretrained`` and :meth:`from_pretrained` both load."""
         _save_pretrained(self, model_key_map(self.config), self.config.to_dict(), "AltCLIPModel", save_directory)
 
     @torch.no_grad()
-    def get_text_features(self, input_ids=None, attention_mask=None, position_ids=None, token_type_ids=None):
-        """``[batch, projection_dim]`` text embeddings (not normalised), as transformers 4 returns them."""
-        pooled = self.text_model.encode(input_ids, attention_mask, token_type_ids, position_ids, pooled_only=True)
+    def get_text_features(
+        self, input_ids=None, attention_mask=None, position_ids=None, token_type_ids=None, *,
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        return_dict: bool | None = None, **kwargs,
+    ):
+        """``[batch, projection_dim]`` text embeddings (not normalised), as transformers 4 returns them.
+
+        Asking for more (``output_hidden_states``, ``output_attentions`` or ``return_dict=True``) returns
+        transformers 5's object instead: the text tower's output with ``pooler_output`` the embeddings
+        (a tuple with ``return_dict=False``)."""
+        check_call_kwargs("get_text_features", kwargs)
         ops = self.text_model.ops
-        return ops.linear(pooled, self._projection("text_projection", ops))
+        if not (output_attentions or output_hidden_states or return_dict):
+            pooled = self.text_model.encode(input_ids, attention_mask, token_type_ids, position_ids, pooled_only=True)
+            return ops.linear(pooled, self._projection("text_projection", ops))
+        out = self.text_model.encode(
+            input_ids, attention_mask, token_type_ids, position_ids,
+            output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
+        )
+        out.pooler_output = ops.linear(out.pooler_output, self._projection("text_projection", ops))
+        return out.to_tuple() if return_dict is False else out
 
     @torch.no_grad()
-    def get_image_features(self, pixel_values=None):
-        """``[batch, projection_dim]`` image embeddings (not normalised), as transformers 4 returns them."""
-        pooled = self.vision_model.encode(pixel_values, pooled_only=True)
+    def get_image_features(
+        self, pixel_values=None, interpolate_pos_encoding: bool = False, *,
+        output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+        return_dict: bool | None = None, **kwargs,
+    ):
+        """``[batch, projection_dim]`` image embeddings (not normalised), as transformers 4 returns them.
+        ``interpolate_pos_encoding``: accept other image sizes, resizing the position embeddings.
+        Asking for more returns transformers 5's object, as :meth:`get_text_features` does."""
+        check_call_kwargs("get_image_features", kwargs)
         ops = self.vision_model.ops
-        return ops.linear(pooled, self._projection("visual_projection", ops))
+        if not (output_attentions or output_hidden_states or return_dict):
+            pooled = self.vision_model.encode(
+                pixel_values, pooled_only=True, interpolate_pos_encoding=interpolate_pos_encoding
+            )
+            return ops.linear(pooled, self._projection("visual_projection", ops))
+        out = self.vision_model.encode(
+            pixel_values, output_attentions=bool(output_attentions), output_hidden_states=bool(output_hidden_states),
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        out.pooler_output = ops.linear(out.pooler_output, self._projection("visual_projection", ops))
+        return out.to_tuple() if return_dict is False else out
 
     @torch.no_grad()
     def forward(
@@ -692,15 +826,20 @@ class AltCLIPModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-        return_loss: bool = False,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        return_dict: bool = True,
+        return_loss: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        **kwargs,
     ):
+        check_call_kwargs("AltCLIPModel.forward", kwargs)
+        output_attentions, output_hidden_states = bool(output_attentions), bool(output_hidden_states)
         if input_ids is None or pixel_values is None:
             raise ValueError("AltCLIPModel.forward needs both input_ids and pixel_values")
         vision_out = self.vision_model.encode(
-            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
         text_out = self.text_model.encode(
             input_ids, attention_mask, token_type_ids, position_ids,
@@ -722,4 +861,4 @@ class AltCLIPModel(nn.Module):
             text_model_output=text_out,
             vision_model_output=vision_out,
         )
-        return out if return_dict else out.to_tuple()
+        return out.to_tuple() if return_dict is False else out

@@ -25,7 +25,8 @@ Where it differs from transformers (documented, deliberate):
   (an ``[batch, heads, seq, seq]`` tensor per layer, at matmul speed, no fused kernel): expect the
   attention part to run several times slower and to use that much more memory.
 - ``get_text_features`` / ``get_image_features`` return tensors (the reference's and transformers 4's
-  API), not transformers 5's output objects.
+  API), not transformers 5's output objects, unless a keyword asks for more (``output_hidden_states``,
+  ``output_attentions``, ``return_dict``): then the output object, with the embeddings as ``pooler_output``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dtypes import resolve_dtype
-from .checkpoint import check_state_dict, load_checkpoint, load_into
+from .checkpoint import check_state_dict, load_into
 from .compat import InferenceAPI, check_call_kwargs, device_arg, dtype_arg, read_pretrained, with_loading_info
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
 from ..ops import PackedLayout, PaddedLayout, get_ops, resolve_backend

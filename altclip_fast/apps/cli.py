@@ -257,6 +257,15 @@ def cmd_embed(args) -> int:
     return embed.run(job, lambda: Session(args))
 
 
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args) -> int:
+    from . import serve
+
+    return serve.run(args, lambda: Session(args))
+
+
 # ---------------------------------------------------------------------------------------------- bench
 
 
@@ -319,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output; discards an interrupted run unless --resume is given too")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_embed)
+
+    p = sub.add_parser("serve", parents=[common], help="OpenAI-compatible embedding server",
+                       description="Serve /v1/embeddings (text and images), /v1/classify, /v1/models, /health "
+                                   "and /metrics, batching concurrent requests together. Needs the serve extra: "
+                                   "pip install 'altclip-fast[serve]'.")
+    from .serve import add_arguments as add_serve_arguments  # argparse only: the web stack loads in run
+
+    add_serve_arguments(p)
+    p.set_defaults(run=cmd_serve)
 
     sub.add_parser("bench", help="end-to-end benchmark (see `altclip-fast bench --help`)", add_help=False)
     return parser

@@ -20,7 +20,7 @@ from ..dtypes import resolve_dtype
 from ..model_files import find_weights, read_json, resolve_model_dir
 from .checkpoint import Checkpoint, load_checkpoint
 
-__all__ = ["AltCLIPCompatError", "InferenceAPI", "check_call_kwargs", "device_arg", "read_pretrained", "with_loading_info"]
+__all__ = ["AltCLIPCompatError", "InferenceAPI", "check_call_kwargs", "check_save_kwargs", "device_arg", "read_pretrained", "with_loading_info"]
 
 
 class AltCLIPCompatError(TypeError):
@@ -88,6 +88,33 @@ CALL_REFUSED = {
     "use_cache": ((None, False), "AltCLIP's encoders keep no cache"),
     "labels": ((None,), "AltCLIP has no labels; return_loss=True gives the contrastive loss"),
 }
+
+
+# save_pretrained keywords: accepted with no effect, with the reason ...
+SAVE_NO_EFFECT = {
+    "max_shard_size": "the weights are written as one model.safetensors, which both loaders read at any size",
+    "token": "only used to push to the Hub, which save_pretrained does not do here",
+    "save_peft_format": "there are no adapters to save",
+}
+# ... and refused unless given their default.
+SAVE_REFUSED = {
+    "safe_serialization": ((True,), "only safetensors is written: a pickled pytorch_model.bin can run code when loaded"),
+    "push_to_hub": ((False,), "upload the folder with huggingface_hub.upload_folder after saving"),
+    "is_main_process": ((True,), "save from one process; altclip_fast does not coordinate several"),
+    "state_dict": ((None,), "the model's own parameters are saved; save another state dict with safetensors"),
+    "save_function": ((None,), "the file is written with safetensors"),
+    "variant": ((None,), "weight variants (model.<variant>.safetensors) are not supported"),
+}
+
+
+def check_save_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse, by name and with the reason, every ``save_pretrained`` keyword that changes what
+    transformers would write in a way this writer does not; the rest pass."""
+    for name, value in kwargs.items():
+        if name in SAVE_NO_EFFECT or _refuse_unless_default("save_pretrained", name, value, SAVE_REFUSED):
+            continue
+        raise AltCLIPCompatError(f"save_pretrained() got an unexpected keyword argument {name!r}: neither "
+                                 "altclip_fast nor transformers takes it")
 
 
 def _refuse_unless_default(where: str, name: str, value: Any, table: dict) -> bool:

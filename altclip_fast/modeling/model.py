@@ -42,7 +42,7 @@ from torch import nn
 
 from ..dtypes import resolve_dtype
 from .checkpoint import check_state_dict, load_into
-from .compat import InferenceAPI, check_call_kwargs, device_arg, dtype_arg, read_pretrained, with_loading_info
+from .compat import InferenceAPI, check_call_kwargs, check_save_kwargs, device_arg, dtype_arg, read_pretrained, with_loading_info
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
 from ..ops import PackedLayout, PaddedLayout, get_ops, resolve_backend
 from .layers import EncoderLayer, derived_nbytes
@@ -289,9 +289,10 @@ class AltCLIPTextModel(_Tower):
         """The word embeddings, as transformers' ``AltCLIPTextModel`` returns them."""
         return self.word_embeddings
 
-    def save_pretrained(self, save_directory) -> None:
+    def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write a standalone text-tower checkpoint that transformers 5's ``AltCLIPTextModel`` and
         :meth:`from_pretrained` both load."""
+        check_save_kwargs(kwargs)
         key_map = text_key_map(self.config, layer="layers")
         _save_pretrained(self, key_map, self.config.to_dict(), "AltCLIPTextModel", save_directory)
 
@@ -525,10 +526,11 @@ class AltCLIPVisionModel(_Tower):
         conv.weight = self.patch_embedding
         return conv
 
-    def save_pretrained(self, save_directory) -> None:
+    def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write a standalone vision-tower checkpoint that transformers' ``AltCLIPVisionModel`` and
         :meth:`from_pretrained` both load (keys under ``vision_model.``, which transformers 4 needs and
         5 accepts)."""
+        check_save_kwargs(kwargs)
         key_map = prefixed(vision_key_map(self.config), "", "vision_model.")
         _save_pretrained(self, key_map, self.config.to_dict(), "AltCLIPVisionModel", save_directory)
 
@@ -768,9 +770,10 @@ class AltCLIPModel(InferenceAPI, nn.Module):
         raises NotImplementedError here."""
         return self.text_model.get_input_embeddings()
 
-    def save_pretrained(self, save_directory) -> None:
+    def save_pretrained(self, save_directory, **kwargs) -> None:
         """Write ``config.json`` and ``model.safetensors`` (canonical keys, the model's dtype), which
         transformers' ``AltCLIPModel.from_pretrained`` and :meth:`from_pretrained` both load."""
+        check_save_kwargs(kwargs)
         _save_pretrained(self, model_key_map(self.config), self.config.to_dict(), "AltCLIPModel", save_directory)
 
     @torch.no_grad()

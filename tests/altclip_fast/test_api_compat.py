@@ -188,6 +188,22 @@ def _save_pretrained(c):
         assert rel_err(theirs(**c.inputs).logits_per_image, c.fast(**c.inputs).logits_per_image) < TOL
 
 
+def _save_no_effect(c):
+    c.fast.save_pretrained(c.tmp_path / "one", max_shard_size="1KB", token="unused", save_peft_format=True)
+    assert sorted(p.name for p in (c.tmp_path / "one").iterdir()) == ["config.json", "model.safetensors"]
+    c.same_outputs(AltCLIPModel.from_pretrained(c.tmp_path / "one"))
+
+
+def _save_refused(c):
+    for name, value in (("safe_serialization", False), ("push_to_hub", True), ("is_main_process", False),
+                        ("state_dict", {}), ("save_function", print), ("variant", "fp16")):
+        refused(lambda: c.fast.save_pretrained(c.tmp_path / name, **{name: value}), name)
+        assert not (c.tmp_path / name).exists(), f"{name}: refused, but something was written"
+    refused(lambda: c.fast.save_pretrained(c.tmp_path / "x", shard_everything=True), "shard_everything")
+    c.fast.save_pretrained(c.tmp_path / "defaults", safe_serialization=True, push_to_hub=False, is_main_process=True)
+    c.same_outputs(AltCLIPModel.from_pretrained(c.tmp_path / "defaults"))
+
+
 def _forward(c):
     c.same_outputs(c.fast)
 
@@ -399,6 +415,9 @@ CHECKS = {
     "`from_pretrained(weights_only=False)`": _weights_only,
     "`from_pretrained(hidden_size=...)` (config overrides)": _config_overrides,
     "`save_pretrained(dir)`": _save_pretrained,
+    "`save_pretrained(max_shard_size=, token=, save_peft_format=)`": _save_no_effect,
+    "`save_pretrained(safe_serialization=False, push_to_hub=True, is_main_process=False, state_dict=, "
+    "save_function=, variant=)`": _save_refused,
     "`model(**inputs)`": _forward,
     "`model(output_hidden_states=True)`": _hidden_states,
     "`model(output_attentions=True)`": _attentions,

@@ -1,0 +1,179 @@
+"""``altclip-fast serve`` under load: throughput and p50/p99 latency with N concurrent clients.
+
+Runs the real server (a subprocess on 127.0.0.1, an ephemeral port) twice in the same run: with
+dynamic batching (the defaults) and with batching off (``--max-batch-images 1`` and
+``--max-batch-tokens`` the length of one text), for short texts and for images. Each client sends
+one item per request, back to back, a fixed number of times: every loop is bounded in count, and an
+overall deadline stops a run that hangs.
+
+Without ``--model`` it writes a random checkpoint in BAAI/AltCLIP's full-size architecture (once, into
+``--work-dir``) with a small test tokenizer, so nothing is downloaded::
+
+    python bench/bench_serve.py --dtype bf16 --text-clients 32 --image-clients 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def build_checkpoint(directory: Path, arch: str) -> Path:
+    if (directory / "config.json").is_file():
+        return directory
+    from altclip_fast.apps.benchmark import _write_checkpoint, random_state_dict
+    from altclip_fast.modeling.config import AltCLIPConfig
+    from tests.altclip_fast.processor_fixtures import write_preprocessor_config, write_tokenizer_files
+    from tests.checkpoints import tiny_config
+
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = AltCLIPConfig() if arch == "baai" else tiny_config(vocab_size=250002, image_size=224, patch_size=14)
+    _write_checkpoint(config, random_state_dict(config), torch.bfloat16, str(directory))
+    write_tokenizer_files(directory)
+    size = config.vision_config.image_size
+    write_preprocessor_config(directory, shortest_edge=size, crop=size)
+    return directory
+
+
+class Server:
+    def __init__(self, model: Path, dtype: str, options: list[str], timeout: float = 600):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        command = [sys.executable, "-m", "altclip_fast.apps.cli", "serve", "--model", str(model), "--device", "cpu",
+                   "--dtype", dtype, "--host", "127.0.0.1", "--port", "0", *options]
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        self.url = None
+        for line in self.proc.stderr:
+            if "listening on http://" in line:
+                self.url = line.split("listening on ")[1].split()[0]
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.url is None:
+            self.stop()
+            raise SystemExit(f"the server did not start ({command})")
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+
+
+def load(url: str, clients: int, per_client: int, make_body, deadline_s: float) -> dict:
+    import httpx
+
+    latencies, errors = [], []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + deadline_s
+
+    def client(c):
+        with httpx.Client(base_url=url, timeout=deadline_s) as http:
+            for k in range(per_client):
+                if time.monotonic() > stop_at:
+                    return
+                start = time.perf_counter()
+                r = http.post("/v1/embeddings", json=make_body(c * per_client + k))
+                elapsed = time.perf_counter() - start
+                with lock:
+                    (latencies if r.status_code == 200 else errors).append(elapsed if r.status_code == 200
+                                                                          else r.status_code)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    latencies.sort()
+
+    def pct(p):
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
+
+    return {"clients": clients, "items": len(latencies), "errors": errors, "wall_s": round(wall, 2),
+            "items_per_s": round(len(latencies) / wall, 3), "p50_ms": round(1000 * pct(0.50), 1),
+            "p99_ms": round(1000 * pct(0.99), 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="checkpoint directory (default: random full-size weights in --work-dir)")
+    parser.add_argument("--arch", choices=["baai", "tiny"], default="baai", help="random checkpoint's architecture")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "altclip_bench_serve"))
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--text-clients", type=int, default=32)
+    parser.add_argument("--texts-per-client", type=int, default=4)
+    parser.add_argument("--image-clients", type=int, default=8)
+    parser.add_argument("--images-per-client", type=int, default=2)
+    parser.add_argument("--deadline-s", type=float, default=300, help="per load run")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    model = Path(args.model) if args.model else build_checkpoint(Path(args.work_dir) / args.arch, args.arch)
+    from PIL import Image
+
+    from altclip_fast.preprocessing.tokenization import AltCLIPTokenizer
+    from tests.altclip_fast.processor_fixtures import photo_like
+
+    words = "a photo of the cat dog black white red car house tree".split()
+
+    def text(i):
+        return " ".join(words[(i + k) % len(words)] for k in range(4 + i % 5))
+
+    longest = max(len(ids) for ids in AltCLIPTokenizer.from_pretrained(model)(
+        [text(i) for i in range(64)], padding=False, return_tensors=None)["input_ids"])
+    buffer = io.BytesIO()
+    photo_like(320, 240).save(buffer, format="JPEG", quality=90)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    Image.open(io.BytesIO(buffer.getvalue())).load()
+
+    modes = {"dynamic batching": [], "no batching": ["--max-batch-images", "1", "--max-batch-tokens", str(longest)]}
+    results = {"model": str(model), "dtype": args.dtype, "cpu_threads": os.cpu_count(), "runs": []}
+    for mode, options in modes.items():
+        server = Server(model, args.dtype, options)
+        try:
+            load(server.url, 2, 1, lambda i: {"input": [text(i)]}, args.deadline_s)  # warm up
+            row = load(server.url, args.text_clients, args.texts_per_client, lambda i: {"input": [text(i)]},
+                       args.deadline_s)
+            results["runs"].append({"mode": mode, "kind": "text", **row})
+            print(json.dumps(results["runs"][-1]), flush=True)
+            if args.image_clients:
+                row = load(server.url, args.image_clients, args.images_per_client,
+                           lambda i: {"input": [image], "modality": "image"}, args.deadline_s)
+                results["runs"].append({"mode": mode, "kind": "image", **row})
+                print(json.dumps(results["runs"][-1]), flush=True)
+        finally:
+            server.stop()
+    by = {(r["mode"], r["kind"]): r for r in results["runs"]}
+    for kind in ("text", "image"):
+        if (("dynamic batching", kind) in by) and by[("no batching", kind)]["items_per_s"]:
+            speedup = by[("dynamic batching", kind)]["items_per_s"] / by[("no batching", kind)]["items_per_s"]
+            results[f"{kind}_speedup"] = round(speedup, 2)
+            print(f"{kind}: dynamic batching {speedup:.2f}x the throughput of no batching", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the model's own size; the position embeddings are interpolated to match")
 
     parser = _Parser(prog="altclip-fast", description="Fast multilingual CLIP (AltCLIP): classify, embed, bench.")
-    sub = parser.add_subparsers(dest="command", metavar="{classify,embed,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{classify,embed,serve,bench}")
     sub.required = True
 
     p = sub.add_parser("classify", parents=[common], help="zero-shot classification of images",

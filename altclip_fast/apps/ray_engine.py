@@ -1,0 +1,287 @@
+"""``embed --out-dir DIR --engine ray``: the same shards as the local engine, computed by Ray Data.
+
+Pipeline: the pending shards' inputs (listed by the driver, which keys ``--resume`` on them) ->
+decoding and resizing as CPU tasks -> the model in an actor pool (``map_batches`` with a callable
+class, ``--ray-workers`` actors), each batch saved by its actor as per-shard part files under
+``DIR/.altclip-fast/parts/`` -> one Ray task per shard that puts its parts back into listing order
+and writes the shard with ``collection.write_shard``. So the driver never holds embeddings and the
+files are the local engine's. (A ``groupby(shard)`` would do the same through Ray's hash shuffle,
+whose aggregator actors a 2-CPU machine cannot fit next to the model actors.) Actors are restarted
+and their tasks retried when one dies (``max_restarts``/``max_task_retries``); a retried batch
+rewrites its part files, and a shard takes each input once. DIR must be on storage every node sees.
+
+``embed_dataset(ds, model, column=...)`` is the Python API for an existing Ray pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+
+# Fault injection for the tests: the first actor call that finds no file at this path creates it and
+# kills its actor process, the way a lost node or an OOM kill would.
+_KILL_ACTOR_ONCE = "_ALTCLIP_FAST_RAY_KILL_ACTOR_ONCE"
+# And SIGKILL the driver once that many shards are written (the local engine's hook too).
+_CRASH_AFTER_SHARDS = "_ALTCLIP_FAST_CRASH_AFTER_SHARDS"
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError("--engine ray needs Ray Data: pip install 'altclip-fast[ray]'") from None
+    return ray
+
+
+def _ensure_ray(address: str | None):
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    return ray
+
+
+class _Session:
+    """What ``embed._embed`` needs, built inside an actor from picklable settings."""
+
+    def __init__(self, model_dir: str, dtype: str, device: str | None, image_size, exif_transpose: bool,
+                 fast_decode: bool):
+        import torch
+
+        from .cli import load_model, load_processor
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = getattr(torch, dtype)
+        self.image_size = image_size
+        self.interpolate_pos_encoding = image_size is not None
+        self.processor = load_processor(Path(model_dir), exif_transpose=exif_transpose, fast_decode=fast_decode,
+                                        image_size=image_size)
+        self.model = load_model(Path(model_dir), self.device, self.dtype)
+
+
+class Embedder:
+    """The actor: a batch of uint8 crops (``crop``, ``ok``) or captions (``text``) -> ``embedding``."""
+
+    def __init__(self, settings: dict, kind: str, normalize: bool, kill_marker: str | None = None,
+                 text_column: str | None = None):
+        self.session = _Session(**settings)
+        self.kind, self.normalize, self.kill_marker, self.text_column = kind, normalize, kill_marker, text_column
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from .embed import _embed
+
+        if self.kill_marker and not os.path.exists(self.kill_marker):
+            Path(self.kill_marker).touch()
+            os._exit(1)
+        s = self.session
+        dim = s.model.config.projection_dim
+        n = len(batch["idx"])
+        if self.kind == "image":
+            ok = np.asarray(batch["ok"], dtype=bool)
+            out = np.zeros((n, dim), np.float32)
+            if ok.any():
+                crops = torch.from_numpy(np.ascontiguousarray(np.stack(list(batch["crop"][ok]))))
+                out[ok] = _embed(s, "image", crops, self.normalize)
+            batch = {k: v for k, v in batch.items() if k != "crop"}
+        else:
+            enc = s.processor.tokenizer([str(t) for t in batch["text"]])
+            out = _embed(s, "text", enc, self.normalize)
+            batch = dict(batch, ok=np.ones(n, dtype=bool))
+        batch["embedding"] = out
+        if self.text_column:
+            enc = s.processor.tokenizer([str(t) for t in batch[self.text_column]])
+            batch["text_embedding"] = _embed(s, "text", enc, self.normalize)
+        return batch
+
+
+def _decoder(image_processor):
+    def decode(batch: dict) -> dict:
+        from .embed import _ImageFiles
+
+        crops, ok, reasons = [], [], []
+        size = (3, image_processor.crop_size["height"], image_processor.crop_size["width"])
+        files = _ImageFiles([str(p) for p in batch["path"]], image_processor)  # the local engine's reasons
+        for i in range(len(files)):
+            _, crop, reason = files[i]
+            crops.append(crop if crop is not None else np.zeros(size, np.uint8))
+            ok.append(crop is not None)
+            reasons.append(reason or "")
+        out = {k: v for k, v in batch.items() if k != "path"}
+        out.update(crop=np.stack(crops), ok=np.asarray(ok), reason=np.asarray(reasons, dtype=object))
+        return out
+
+    return decode
+
+
+def _parts_dir(root: str, k: int) -> Path:
+    return Path(root) / ".altclip-fast" / "parts" / str(k)
+
+
+class _ShardEmbedder(Embedder):
+    """The engine's actor: embeds a batch, then saves each shard's slice of it as a part file
+    (temporary name, then a rename) under ``DIR/.altclip-fast/parts/{shard}/``, and returns only
+    counts, so that the embeddings never travel to the driver. A retried batch rewrites its parts."""
+
+    def __init__(self, settings: dict, kind: str, normalize: bool, root: str, kill_marker: str | None = None):
+        super().__init__(settings, kind, normalize, kill_marker)
+        self.root = root
+
+    def __call__(self, batch: dict) -> dict:
+        batch = super().__call__(batch)
+        shards = np.asarray(batch["shard"])
+        idx = np.asarray(batch["idx"])
+        ok = np.asarray(batch["ok"], dtype=bool)
+        reasons = np.asarray([str(r) for r in batch["reason"]] if "reason" in batch else [""] * len(idx), dtype=str)
+        metas = np.asarray([str(m) for m in batch["meta"]], dtype=str)
+        counts = []
+        for k in np.unique(shards):
+            sel = shards == k
+            part = {"idx": idx[sel], "ok": ok[sel], "reason": reasons[sel], "meta": metas[sel],
+                    "embedding": np.asarray(batch["embedding"])[sel]}
+            folder = _parts_dir(self.root, int(k))
+            folder.mkdir(parents=True, exist_ok=True)
+            final = folder / f"{int(part['idx'].min()):012d}-{int(part['idx'].max()):012d}.npz"
+            tmp = folder / f".{final.name}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.savez(f, **part)
+            os.replace(tmp, final)
+            counts.append((int(k), int(sel.sum())))
+        return {"shard": np.asarray([c[0] for c in counts], dtype=np.int64),
+                "rows": np.asarray([c[1] for c in counts], dtype=np.int64)}
+
+
+def _assemble(root: str, width: int, schema, emb_dtype: str, kind: str, k: int, start: int, stop: int) -> int:
+    """A Ray task: shard ``k``'s parts -> its files (``collection.write_shard``), in listing order,
+    every input of ``[start, stop)`` exactly once (a part rewritten by a retried batch counts once)."""
+    import shutil
+
+    from .collection import EMB_DTYPES, Layout, write_shard
+
+    folder = _parts_dir(root, k)
+    parts = [np.load(p) for p in sorted(folder.glob("*.npz"))]
+    idx = np.concatenate([p["idx"] for p in parts]) if parts else np.zeros(0, np.int64)
+    _, first = np.unique(idx, return_index=True)  # sorted by input index, duplicates dropped
+    if not np.array_equal(idx[first], np.arange(start, stop)):
+        missing = sorted(set(range(start, stop)) - set(idx.tolist()))
+        raise RuntimeError(f"shard {k}: the parts miss inputs {missing[:5]}")
+
+    def column(name):
+        return np.concatenate([p[name] for p in parts])[first]
+
+    ok, reasons, metas = column("ok"), column("reason"), [json.loads(m) for m in column("meta")]
+    embeddings = {kind: column("embedding")[ok].astype(EMB_DTYPES[emb_dtype])}
+    skipped = [{"path": m.get("image_path", m.get("caption")), "key": m.get("key"), "reason": str(r)}
+               for m, good, r in zip(metas, ok, reasons) if not good]
+    rows = [m for m, good in zip(metas, ok) if good]
+    marker = write_shard(Layout(Path(root), width), k, schema, embeddings, rows, skipped)
+    shutil.rmtree(folder, ignore_errors=True)
+    return marker["rows"]
+
+
+def compute(job, listing, layout, schema, shards, pending, session) -> None:
+    import shutil
+
+    if listing.source == "webdataset":
+        raise UsageError("--engine ray reads image folders, globs and caption files; for webdataset tars use "
+                         "--engine local (or ray.data.read_webdataset with embed_dataset)")
+    ray = _ensure_ray(job.ray_address)
+    resources = ray.cluster_resources()
+    gpus = job.ray_gpus_per_worker
+    if gpus is None:
+        gpus = 1 if resources.get("GPU", 0) else 0
+    # CPU actors leave a core to the decoding tasks, or a small cluster would deadlock with every core
+    # held by an actor waiting for decoded batches.
+    cpus = 1.0 if gpus else max(0.1, min(1.0, (resources.get("CPU", 1) - 1) / max(1, job.ray_workers)))
+    root = str(layout.root.resolve())  # Ray's workers do not share the driver's working directory
+    for k in pending:  # parts left by a killed run are recomputed
+        shutil.rmtree(_parts_dir(root, k), ignore_errors=True)
+    records = []
+    for k in pending:
+        for i in shards[k]:
+            record = {"idx": i, "shard": k, "meta": json.dumps(listing.rows[i], ensure_ascii=False)}
+            record["path" if listing.kind == "image" else "text"] = (
+                os.path.abspath(listing.items[i]) if listing.kind == "image" else listing.items[i])
+            records.append(record)
+    settings = {"model_dir": str(session.model_dir.resolve()), "dtype": str(session.dtype).removeprefix("torch."),
+                "device": None if gpus else "cpu", "image_size": getattr(session, "image_size", None),
+                "exif_transpose": job.exif_transpose, "fast_decode": job.fast_decode}
+    ds = ray.data.from_items(records)
+    if listing.kind == "image":
+        ds = ds.map_batches(_decoder(session.processor.image_processor), batch_size=job.batch_size,
+                            batch_format="numpy")
+    # Ray Data's actor pools restart dead actors and retry their batches (max_restarts and
+    # max_task_retries default to -1 there).
+    ds = ds.map_batches(
+        _ShardEmbedder, fn_constructor_kwargs={"settings": settings, "kind": listing.kind, "normalize": job.normalize,
+                                               "root": root, "kill_marker": os.environ.get(_KILL_ACTOR_ONCE)},
+        compute=ray.data.ActorPoolStrategy(size=job.ray_workers), num_gpus=gpus, num_cpus=cpus,
+        batch_size=job.batch_size, batch_format="numpy",
+    )
+    done = sorted({int(r["shard"]) for r in ds.take_all()})  # counts only: the driver holds no embeddings
+    if done != sorted(pending):
+        raise RuntimeError(f"Ray embedded shards {done}, expected {sorted(pending)}")
+    kind = "img" if listing.kind == "image" else "text"
+    assemble = ray.remote(num_cpus=min(1.0, resources.get("CPU", 1)), max_retries=3)(_assemble)
+    waiting = [assemble.remote(root, layout.width, schema, job.emb_dtype, kind, k, shards[k].start, shards[k].stop)
+               for k in pending]
+    crash_after = int(os.environ.get(_CRASH_AFTER_SHARDS, "0") or 0)
+    written = 0
+    while waiting:
+        done_refs, waiting = ray.wait(waiting, num_returns=1)
+        ray.get(done_refs)
+        written += 1
+        if crash_after and written >= crash_after:  # the driver-kill fault of the tests
+            os.kill(os.getpid(), signal.SIGKILL)
+    shutil.rmtree(layout.state / "parts", ignore_errors=True)
+
+
+def embed_dataset(ds, model: str, *, column: str = "image", kind: str | None = None, batch_size: int = 32,
+                  workers: int = 1, gpus_per_worker: float | None = None, normalize: bool = True,
+                  dtype: str | None = None):
+    """A Ray Dataset with an ``image`` column (paths or encoded bytes) or a text column -> the same
+    with an ``embedding`` column (float32; rows that cannot be decoded get zeros and ``ok=False``)."""
+    ray = _ray()
+    from .cli import load_processor, resolve_model
+
+    model_dir = resolve_model(model)
+    kind = kind or ("image" if column == "image" else "text")
+    if gpus_per_worker is None:
+        gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) else 0
+    settings = {"model_dir": str(model_dir), "dtype": dtype or ("bfloat16" if gpus_per_worker else "float32"),
+                "device": None if gpus_per_worker else "cpu", "image_size": None, "exif_transpose": True,
+                "fast_decode": False}
+    if kind == "image":
+        ip = load_processor(model_dir).image_processor
+        decode = _decoder(ip)
+
+        def prepare(batch: dict) -> dict:
+            from .collection import _decode_bytes
+
+            values = batch[column]
+            if len(values) and isinstance(values[0], (bytes, bytearray)):
+                results = [_decode_bytes((ip, v)) for v in values]
+                size = (3, ip.crop_size["height"], ip.crop_size["width"])
+                batch = dict(batch)
+                batch["crop"] = np.stack([c if c is not None else np.zeros(size, np.uint8) for c, _ in results])
+                batch["ok"] = np.asarray([c is not None for c, _ in results])
+                return batch
+            out = decode({"path": values})
+            return {**batch, **out}
+
+        ds = ds.map_batches(prepare, batch_size=batch_size, batch_format="numpy")
+    else:
+        ds = ds.map_batches(lambda b: {**b, "text": b[column]}, batch_size=batch_size, batch_format="numpy")
+    ds = ds.map_batches(lambda b: {**b, "idx": np.arange(len(next(iter(b.values()))))}, batch_format="numpy")
+    return ds.map_batches(
+        Embedder, fn_constructor_kwargs={"settings": settings, "kind": kind, "normalize": normalize},
+        compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker, batch_size=batch_size,
+        batch_format="numpy",
+    ).map_batches(lambda b: {k: v for k, v in b.items() if k not in ("idx", "crop")}, batch_format="numpy")

@@ -1,0 +1,209 @@
+"""``embed --out-dir`` (clip-retrieval's sharded layout), webdataset input and ``search``, on a tiny
+random checkpoint. The SIGKILL test needs a process of its own; the rest run in process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from altclip_fast.apps import cli
+from tests.altclip_fast.processor_fixtures import make_model_dir, photo_like
+from tests.altclip_fast.test_cli import run_cli
+
+pytest.importorskip("transformers")  # the tiny checkpoint is written by transformers
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+CPU = ["--model", "model", "--device", "cpu", "--dtype", "fp32", "--workers", "0", "--no-progress"]
+
+
+def main(*args, cwd: Path) -> int:
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return cli.main([str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+def _jpeg(w, h, seed) -> bytes:
+    buf = io.BytesIO()
+    photo_like(w, h, seed=seed).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("collection")
+    make_model_dir(root / "model")
+    photos = root / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i, (w, h) in enumerate([(40, 30), (30, 40), (33, 33), (50, 31), (31, 50), (44, 36)]):
+        photo_like(w, h, seed=i).save((photos if i < 3 else photos / "sub") / f"img{i}.png")
+    (photos / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "captions.txt").write_text("a cat\na dog\n\nun chat\n一只狗\n", encoding="utf-8")
+    wds = root / "wds"
+    wds.mkdir()
+    _tar(wds / "00000.tar", [
+        ("s0.jpg", _jpeg(40, 30, 10)), ("s0.txt", b"a cat"), ("s0.json", b'{"width": 40, "source": "x"}'),
+        ("s1.jpg", b"corrupt bytes"), ("s1.txt", b"a dog"),
+        ("s2.png", (lambda b: (photo_like(30, 40, seed=11).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO())),
+        ("s2.txt", "un chat".encode()),
+        ("s3.txt", b"caption without an image"),
+    ])
+    _tar(wds / "00001.tar", [("t0.jpg", _jpeg(33, 33, 12)), ("t0.txt", b"ein Hund"), ("t1.jpg", _jpeg(36, 30, 13)),
+                             ("t1.txt", b"a red car")])
+    whole = (wds / "00001.tar").read_bytes()
+    cut = whole.index(b"t1.jpg") + 512 + 100  # t1.jpg's header and part of its data
+    (wds / "00002.tar").write_bytes(whole[:cut])  # truncated inside its second sample
+    return root
+
+
+def shards(out: Path, kind: str = "img") -> list[np.ndarray]:
+    return [np.load(p) for p in sorted((out / f"{kind}_emb").glob("*.npy"))]
+
+
+def metadata(out: Path) -> list[dict]:
+    return [row for p in sorted((out / "metadata").glob("*.parquet")) for row in pq.read_table(p).to_pylist()]
+
+
+@pytest.fixture(scope="module")
+def folder_run(work):
+    assert main("embed", "photos", "--out-dir", "out", "--shard-size", 3, *CPU, cwd=work) == 0
+    return work / "out"
+
+
+def test_sharded_layout_schema_and_rows_match_single_file_embed(work, folder_run):
+    out = folder_run
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and ".altclip-fast" not in p.parts)
+    assert names == ["img_emb/img_emb_0.npy", "img_emb/img_emb_1.npy", "img_emb/img_emb_2.npy",
+                     "metadata/metadata_0.parquet", "metadata/metadata_1.parquet", "metadata/metadata_2.parquet",
+                     "skipped.parquet"]
+    parts = shards(out)
+    assert [len(p) for p in parts] == [3, 2, 1]  # 7 inputs listed, the broken one in shard 1 is skipped
+    assert all(p.dtype == np.float16 and p.shape[1] == 12 for p in parts)
+    rows = np.concatenate(parts).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=2e-3)
+    schema = pq.read_schema(out / "metadata" / "metadata_0.parquet")
+    assert schema.names == ["image_path", "key"] and all(t == pa.string() for t in schema.types)
+    meta = metadata(out)
+    assert [m["image_path"] for m in meta] == ["photos/img0.png", "photos/img1.png", "photos/img2.png",
+                                               "photos/sub/img3.png", "photos/sub/img4.png", "photos/sub/img5.png"]
+    skipped = pq.read_table(out / "skipped.parquet")
+    assert skipped.schema.names == ["path", "key", "reason"]
+    assert skipped.column("path").to_pylist() == ["photos/sub/broken.jpg"]
+    # The same rows as today's single-file embed, within float16's tolerance.
+    assert main("embed", "photos", "--out", "single.npy", "--normalize", "--batch-size", 5, *CPU, cwd=work) == 0
+    np.testing.assert_allclose(rows, np.load(work / "single.npy"), atol=2e-3)
+
+
+def test_resume_after_sigkill_recomputes_only_missing_shards(work, folder_run):
+    cmd = ["embed", "photos", "--out-dir", "killed", "--shard-size", 3, *CPU]
+    proc = run_cli(*cmd, cwd=work, env={"_ALTCLIP_FAST_CRASH_AFTER_SHARDS": "1"})
+    assert proc.returncode == -9, proc.stderr
+    out = work / "killed"
+    assert (out / "img_emb" / "img_emb_0.npy").is_file() and not (out / "skipped.parquet").exists()
+    assert main(*cmd, cwd=work) == 2  # not without --resume
+    changed = main(*cmd, "--emb-dtype", "float32", "--resume", cwd=work)
+    assert changed == 2  # the settings changed: refused
+    proc = run_cli(*cmd, "--resume", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 shards reused, 2 computed" in proc.stdout
+    for a, b in zip(shards(out), shards(folder_run)):
+        np.testing.assert_array_equal(a, b)
+    assert metadata(out) == metadata(folder_run)
+    assert not [p for p in out.rglob("*.tmp")]
+    assert main(*cmd, "--resume", cwd=work) == 0  # complete: nothing to do
+
+
+def test_resume_refuses_a_changed_listing(work, tmp_path):
+    photos = tmp_path / "p"
+    photos.mkdir()
+    for i in range(3):
+        photo_like(30, 30, seed=i).save(photos / f"{i}.png")
+    cmd = ["embed", str(photos), "--out-dir", str(tmp_path / "o"), "--shard-size", 2, *CPU]
+    assert main(*cmd, cwd=work) == 0
+    photo_like(30, 30, seed=9).save(photos / "3.png")
+    assert main(*cmd, "--resume", cwd=work) == 2
+    assert main(*cmd, "--overwrite", cwd=work) == 0
+    assert sum(len(p) for p in shards(tmp_path / "o")) == 4
+
+
+def test_captions_into_text_emb(work):
+    assert main("embed", "captions.txt", "--out-dir", "caps", "--emb-dtype", "float32", *CPU, cwd=work) == 0
+    out = work / "caps"
+    (emb,) = shards(out, "text")
+    assert emb.shape == (4, 12) and emb.dtype == np.float32
+    assert [m["caption"] for m in metadata(out)] == ["a cat", "a dog", "un chat", "一只狗"]
+    assert pq.read_table(out / "skipped.parquet").column("reason").to_pylist() == ["blank line"]
+
+
+def test_webdataset_with_text_corrupt_member_and_truncated_tar(work):
+    pytest.importorskip("webdataset")
+    assert main("embed", "wds/{00000..00002}.tar", "--out-dir", "wout", "--with-text", *CPU, cwd=work) == 0
+    out = work / "wout"
+    meta = metadata(out)
+    keys = [m["key"] for m in meta]
+    assert keys[:3] == ["s0", "s2", "t0"] and "s1" not in keys
+    assert meta[0]["caption"] == "a cat" and meta[0]["width"] == 40 and meta[0]["source"] == "x"
+    (img,), (txt,) = shards(out, "img"), shards(out, "text")
+    assert len(img) == len(txt) == len(meta)
+    skipped = pq.read_table(out / "skipped.parquet").to_pylist()
+    reasons = {(Path(s["path"]).name, s["key"]): s["reason"] for s in skipped}
+    assert any(k == ("00000.tar", "s1") and "cannot decode" in r for k, r in reasons.items()), reasons
+    assert any(k == ("00000.tar", "s3") and "no image" in r for k, r in reasons.items()), reasons
+    assert any(name == "00002.tar" and "unreadable tar" in r for (name, _), r in reasons.items()), reasons
+    # the truncated copy's first sample came through before the damage
+    assert [m["key"] for m in meta].count("t0") == 2
+    # text rows are the captions' embeddings, aligned with the image rows
+    assert main("embed", "wds/00001.tar", "--out-dir", "wtxt", "--with-text", *CPU, cwd=work) == 0
+    np.testing.assert_allclose(shards(work / "wtxt", "text")[0].astype(np.float32),
+                               txt[2:4].astype(np.float32), atol=2e-3)
+
+
+def test_search_self_retrieval(work, folder_run, capsys):
+    from altclip_fast.apps.search import Index
+
+    capsys.readouterr()
+    assert main("search", "out", "--image", "photos/sub/img4.png", "--top-k", 3, "--json",
+                "--device", "cpu", "--dtype", "fp32", cwd=work) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 3 and hits[0]["image_path"] == "photos/sub/img4.png"
+    assert hits[0]["shard"] == 1 and hits[0]["row"] == 1 and hits[0]["score"] > 0.999
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+    # Index, chunked smaller than a shard: the same ranking as a dense product.
+    index = Index(folder_run, chunk_rows=2)
+    rows = np.concatenate(shards(folder_run)).astype(np.float32)
+    queries = rows[[0, 5]] + 0.01
+    scores, shard_ids, row_ids = index.search(queries, k=4)
+    dense = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (rows / np.linalg.norm(rows, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(scores, -np.sort(-dense, axis=1)[:, :4], atol=1e-5)
+    starts = np.cumsum([0] + [len(s) for s in shards(folder_run)])
+    assert (starts[shard_ids] + row_ids == np.argsort(-dense, axis=1)[:, :4]).all()
+    assert main("search", "out", "--text", "a cat", "--device", "cpu", cwd=work) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 6  # top 10 of 6 rows
+
+
+def test_usage_errors(work, capsys):
+    assert main("embed", "photos", "--model", "model", cwd=work) == 2
+    assert "exactly one of --out" in capsys.readouterr().err
+    assert main("embed", "photos", "--out", "x.npy", "--shard-size", "4", "--model", "model", cwd=work) == 2
+    assert "--shard-size needs --out-dir" in capsys.readouterr().err
+    assert main("embed", "captions.txt", "--out-dir", "e", "--with-text", *CPU, cwd=work) == 2
+    assert "--with-text needs webdataset input" in capsys.readouterr().err
+    assert main("search", "photos", "--text", "x", cwd=work) == 2
+    assert "not an embed --out-dir collection" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""``embed --out-dir --engine ray``: the local engine's shards from a local Ray (num_cpus=2, started
+once for the module and shut down after), an actor killed mid-run, and ``embed_dataset``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.altclip_fast.test_cli import run_cli
+from tests.altclip_fast.test_collection import CPU, main, metadata, shards, work  # noqa: F401 (fixture)
+
+pytest.importorskip("transformers")
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+pytest.importorskip("pyarrow")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # only a Ray that cannot start here skips these tests
+        pytest.skip(f"a local Ray (num_cpus=2) cannot start here: {type(exc).__name__}: {exc}")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_run(work):  # noqa: F811
+    assert main("embed", "photos", "--out-dir", "ray_local", "--shard-size", 3, "--batch-size", 2, *CPU, cwd=work) == 0
+    return work / "ray_local"
+
+
+def _same(a, b):
+    assert [p.shape for p in shards(a)] == [p.shape for p in shards(b)]
+    for x, y in zip(shards(a), shards(b)):
+        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=2e-3)
+    assert metadata(a) == metadata(b)
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(a / "skipped.parquet").to_pylist() == pq.read_table(b / "skipped.parquet").to_pylist()
+
+
+def test_ray_engine_writes_the_local_engines_shards(work, local_ray, local_run):  # noqa: F811
+    assert main("embed", "photos", "--out-dir", "ray_two", "--shard-size", 3, "--batch-size", 2, "--engine", "ray",
+                "--ray-workers", 2, *CPU, cwd=work) == 0
+    _same(work / "ray_two", local_run)
+
+
+def test_ray_actor_killed_mid_run_is_restarted(work, local_ray, local_run, monkeypatch, tmp_path):  # noqa: F811
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv("_ALTCLIP_FAST_RAY_KILL_ACTOR_ONCE", str(marker))
+    assert main("embed", "photos", "--out-dir", "ray_killed", "--shard-size", 3, "--batch-size", 2,
+                "--engine", "ray", *CPU, cwd=work) == 0
+    assert marker.exists()  # an actor did die
+    _same(work / "ray_killed", local_run)  # every row exactly once, in order
+
+
+def test_embed_dataset_api(work, local_ray, local_run):  # noqa: F811
+    from altclip_fast.apps.ray_engine import embed_dataset
+
+    paths = [m["image_path"] for m in metadata(local_run)]
+    ds = ray.data.from_items([{"image": str(work / p)} for p in paths])
+    out = embed_dataset(ds, str(work / "model"), batch_size=4).take_all()
+    by_path = {r["image"]: r["embedding"] for r in out}  # Ray Data need not keep the order
+    got = np.stack([by_path[str(work / p)] for p in paths])
+    expected = np.concatenate(shards(local_run)).astype(np.float32)
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_ray_driver_killed_mid_run_is_finished_by_resume(work, local_ray, local_run):  # noqa: F811
+    # The driver runs in a process of its own, on this module's Ray, and is SIGKILLed after one shard.
+    address = ray.get_runtime_context().gcs_address
+    cmd = ["embed", "photos", "--out-dir", "ray_driver_killed", "--shard-size", 3, "--batch-size", 2,
+           "--engine", "ray", "--ray-address", address, *CPU]
+    proc = run_cli(*cmd, cwd=work, env={"_ALTCLIP_FAST_CRASH_AFTER_SHARDS": "1"})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    out = work / "ray_driver_killed"
+    assert not (out / "skipped.parquet").exists()
+    assert len(list((out / "metadata").glob("*.parquet"))) in (1, 2)  # not all three
+    proc = run_cli(*cmd, "--resume", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shards reused" in proc.stdout and "0 shards reused" not in proc.stdout, proc.stdout
+    _same(out, local_run)
+    assert not list(out.rglob("*.tmp")) and not (out / ".altclip-fast" / "parts").exists()

@@ -254,7 +254,38 @@ def cmd_embed(args) -> int:
         normalize=args.normalize, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
         exif_transpose=not args.no_exif_transpose, fast_decode=args.fast_decode,
     )
-    return embed.run(job, lambda: Session(args))
+    if (args.out is None) == (args.out_dir is None):
+        raise UsageError("give exactly one of --out FILE (one file) or --out-dir DIR (shards)")
+    if args.out is not None:
+        for flag, given in (("--shard-size", args.shard_size is not None), ("--with-text", args.with_text),
+                            ("--emb-dtype", args.emb_dtype is not None), ("--no-normalize", args.no_normalize),
+                            ("--engine ray", args.engine != "local")):
+            if given:
+                raise UsageError(f"{flag} needs --out-dir")
+        return embed.run(job, lambda: Session(args))
+    return cmd_embed_collection(args)
+
+
+def cmd_embed_collection(args) -> int:
+    from . import collection
+
+    if args.normalize and args.no_normalize:
+        raise UsageError("--normalize and --no-normalize contradict each other")
+    job = collection.CollectionJob(
+        input=args.input, out_dir=args.out_dir, model=args.model, batch_size=args.batch_size, workers=args.workers,
+        shard_size=args.shard_size or collection.DEFAULT_SHARD_SIZE, normalize=not args.no_normalize,
+        emb_dtype=args.emb_dtype or "float16", with_text=args.with_text, resume=args.resume,
+        overwrite=args.overwrite, progress=not args.no_progress, exif_transpose=not args.no_exif_transpose,
+        fast_decode=args.fast_decode, engine=args.engine, ray_address=args.ray_address,
+        ray_workers=args.ray_workers, ray_gpus_per_worker=args.ray_gpus_per_worker,
+    )
+    return collection.run(job, lambda: Session(args))
+
+
+def cmd_search(args) -> int:
+    from . import search
+
+    return search.cmd_search(args, Session, default_model=DEFAULT_MODEL)
 
 
 # ---------------------------------------------------------------------------------------------- serve
@@ -300,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the model's own size; the position embeddings are interpolated to match")
 
     parser = _Parser(prog="altclip-fast", description="Fast multilingual CLIP (AltCLIP): classify, embed, bench.")
-    sub = parser.add_subparsers(dest="command", metavar="{classify,embed,serve,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{classify,embed,search,serve,bench}")
     sub.required = True
 
     p = sub.add_parser("classify", parents=[common], help="zero-shot classification of images",
@@ -317,7 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file, one per line) into an .npy or .safetensors file plus a metadata file "
                                    "(<out>.meta.json) mapping rows to inputs.")
     p.add_argument("input", metavar="INPUT", help="folder, glob (quote it: 'photos/**/*.jpg') or text file")
-    p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    p.add_argument("--out", default=None, help="output file: .npy or .safetensors")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="write shards in clip-retrieval's layout instead: DIR/img_emb (or text_emb)/*_emb_{k}.npy, "
+                        "DIR/metadata/metadata_{k}.parquet, DIR/skipped.parquet (INPUT may be webdataset tars)")
+    p.add_argument("--shard-size", type=int, default=None, metavar="N", help="--out-dir: inputs per shard (default 100000)")
+    p.add_argument("--emb-dtype", choices=["float16", "float32"], default=None,
+                   help="--out-dir: the stored dtype (default float16, as clip-retrieval)")
+    p.add_argument("--no-normalize", action="store_true", help="--out-dir: keep embeddings unnormalised")
+    p.add_argument("--with-text", action="store_true",
+                   help="--out-dir with webdataset input: embed each sample's txt caption too, row-aligned")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="--out-dir: where the work runs")
+    p.add_argument("--ray-address", default=None, help="--engine ray: a cluster address (default: a local Ray)")
+    p.add_argument("--ray-workers", type=int, default=1, help="--engine ray: model actors (default 1)")
+    p.add_argument("--ray-gpus-per-worker", type=float, default=None,
+                   help="--engine ray: GPUs per actor (default 1 on GPU clusters, 0 on CPU)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes that decode and resize images (default: one per spare "
                         "CPU core, up to 16)")
@@ -328,6 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing output; discards an interrupted run unless --resume is given too")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_embed)
+
+    p = sub.add_parser("search", parents=[common], help="search an embed --out-dir collection",
+                       description="Exact cosine search over a collection written by embed --out-dir: the top-k "
+                                   "rows with score, shard, row and metadata.")
+    p.add_argument("directory", metavar="DIR", help="an embed --out-dir folder")
+    p.add_argument("--text", default=None, help="query text")
+    p.add_argument("--image", default=None, metavar="PATH", help="query image")
+    p.add_argument("--kind", choices=["img", "text"], default=None,
+                   help="search img_emb or text_emb (default: img_emb when there is one)")
+    p.add_argument("--top-k", type=int, default=10, help="rows shown (default: 10)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    # --model left at its default: the model the collection was embedded with (its plan says which).
+    # (Not set_defaults(model=None): the parents' actions are shared, so that would change every command.)
+    p.set_defaults(run=cmd_search)
 
     p = sub.add_parser("serve", parents=[common], help="OpenAI-compatible embedding server",
                        description="Serve /v1/embeddings (text and images), /v1/classify, /v1/models, /health "

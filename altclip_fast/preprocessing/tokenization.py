@@ -13,7 +13,6 @@ import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from tokenizers import Tokenizer, processors
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from altclip_fast.apps import cli
 from tests.altclip_fast.processor_fixtures import make_model_dir, photo_like
 from tests.altclip_fast.test_cli import run_cli
+from tests.altclip_fast.test_embed_faults import main  # the CLI in-process, from a folder
 
 pytest.importorskip("transformers")  # the tiny checkpoint is written by transformers
 pa = pytest.importorskip("pyarrow")
@@ -23,13 +22,6 @@ pq = pytest.importorskip("pyarrow.parquet")
 CPU = ["--model", "model", "--device", "cpu", "--dtype", "fp32", "--workers", "0", "--no-progress"]
 
 
-def main(*args, cwd: Path) -> int:
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return cli.main([str(a) for a in args])
-    finally:
-        os.chdir(old)
 
 
 def _jpeg(w, h, seed) -> bytes:

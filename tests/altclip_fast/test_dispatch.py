@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import altclip_fast.ops as dispatch
 from altclip_fast.ops import gemm_choice, onednn

@@ -561,7 +561,8 @@ def _locked_run(job: CollectionJob, root: Path, open_session) -> int:
     pending = [k for k in range(len(shards)) if read_marker(layout, k) is None]
     started = time.perf_counter()
     if pending:
-        session.model  # loaded before the clock, so that the rate is the embedding rate
+        if job.engine != "ray":  # Ray's actors load their own copies; the driver never runs the model
+            session.model  # loaded before the clock, so that the rate is the embedding rate
         started = time.perf_counter()
         if job.engine == "ray":
             from . import ray_engine

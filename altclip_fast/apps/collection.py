@@ -43,8 +43,7 @@ import numpy as np
 from ..errors import AltCLIPError, UsageError
 from . import embed as _embed_mod
 from .embed import (
-    RESUME_HINT, _Hashing, _npy_header, _probe_writable, _release_lock, _remove, _replace, _reserve, _take_lock,
-    _Writing, find_inputs,
+    RESUME_HINT, _Hashing, _npy_header, _remove, _replace, _reserve, _Writing, exclusive_output, find_inputs,
 )
 
 PLAN_VERSION = 1
@@ -531,13 +530,8 @@ def run(job: CollectionJob, open_session: Callable[[], object]) -> int:
     if job.emb_dtype not in EMB_DTYPES:
         raise UsageError(f"--emb-dtype must be one of {', '.join(EMB_DTYPES)}, got {job.emb_dtype}")
     root.mkdir(exist_ok=True)
-    files = SimpleNamespace(out=root / "skipped.parquet", lock=root / ".altclip-fast.lock")
-    _probe_writable(files)
-    lock = _take_lock(files)
-    try:
+    with exclusive_output(SimpleNamespace(out=root / "skipped.parquet", lock=root / ".altclip-fast.lock")):
         return _locked_run(job, root, open_session)
-    finally:
-        _release_lock(files, lock)
 
 
 def _locked_run(job: CollectionJob, root: Path, open_session) -> int:

@@ -44,6 +44,8 @@ import stat
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -561,12 +563,8 @@ def run(job: EmbedJob, open_session: Callable[[], object]) -> int:
     dtype (see ``altclip_fast.apps.cli.Session``); it is called once the job's inputs are checked."""
     files = OutputFiles.of(job.out)
     _check_out(job, files)
-    _probe_writable(files)
-    lock = _take_lock(files)
-    try:
+    with exclusive_output(files):
         return _locked_run(job, files, open_session)
-    finally:
-        _release_lock(files, lock)
 
 
 def _locked_run(job: EmbedJob, files: OutputFiles, open_session) -> int:
@@ -607,6 +605,18 @@ def _check_out(job: EmbedJob, files: OutputFiles) -> None:
         raise UsageError(f"--out {job.out} is a directory; give a file name ending in .npy or .safetensors")
     if not files.out.parent.is_dir():
         raise UsageError(f"--out {job.out}: the folder {files.out.parent} does not exist")
+
+
+@contextmanager
+def exclusive_output(files) -> Iterator[None]:
+    """The output location checked writable (a probe file, before any model loads), then held by
+    this run alone (``_take_lock``) until the block ends. ``files``: ``out`` and ``lock`` paths."""
+    _probe_writable(files)
+    lock = _take_lock(files)
+    try:
+        yield
+    finally:
+        _release_lock(files, lock)
 
 
 def _probe_writable(files: OutputFiles) -> None:

@@ -319,7 +319,7 @@ def model_bytes(model) -> dict[str, int]:
     """Bytes the model holds: its parameters (the checkpoint's values, in the model's dtype), the
     derived forms its backend prepared (folded or pre-packed weights), and their sum."""
     parameters = sum(p.nbytes for p in model.parameters())
-    derived = int(getattr(model, "derived_nbytes", lambda: 0)())
+    derived = model.derived_nbytes()
     return {"parameters": parameters, "derived": derived, "resident": parameters + derived}
 
 

@@ -91,14 +91,15 @@ def _kernel_op(method):
 
     @functools.wraps(method)
     def run(self, x, *args, **kwargs):
-        kernels = self.kernels
-        interpreted = kernels._runtime.INTERPRETED
-        if not x.is_cuda and not interpreted:
-            raise RuntimeError(
-                f"the triton backend got {x.device} tensors, but the kernels were compiled for CUDA "
-                "(TRITON_INTERPRET was not 1 when they were imported); use ALTCLIP_FAST_BACKEND=torch"
-            )
-        with _interpreter_switch(interpreted):
+        if not self.kernels._runtime.INTERPRETED:
+            if not x.is_cuda:
+                raise RuntimeError(
+                    f"the triton backend got {x.device} tensors, but the kernels were compiled for CUDA "
+                    "(TRITON_INTERPRET was not 1 when they were imported); use ALTCLIP_FAST_BACKEND=torch"
+                )
+            # Compiled kernels: every op of every layer passes here, so no context manager on this path.
+            return method(self, x, *args, **kwargs)
+        with _interpreter_switch(True):
             return method(self, x, *args, **kwargs)
 
     return run

@@ -2,7 +2,8 @@
 
 On CPU in bf16/fp16 (where ``onednn`` probes show it works) a linear runs as one oneDNN GEMM with its
 bias and activation, or its residual add, fused, on weights pre-blocked for oneDNN by the prepare
-step. fp32 stays on MKL's GEMM with the epilogue applied in place: MKL's fp32 GEMMs beat oneDNN's at
+step. On a CPU without instructions for the half dtype, GEMMs of many rows run in fp32 instead
+(``cpu_half``), and nothing is pre-blocked or folded: there it gains nothing (bench/bench_cpu_half.py). fp32 stays on MKL's GEMM with the epilogue applied in place: MKL's fp32 GEMMs beat oneDNN's at
 AltCLIP shapes by more than the fusion saves (bench/RESULTS.md). Attention is
 ``F.scaled_dot_product_attention``.
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.activations import ACTIVATIONS as _KERNEL_ACTIVATIONS, QUICK_GELU_ALPHA
-from . import onednn
+from . import cpu_half, onednn
 from .layouts import PackedLayout, padded_kv, padded_qkv
 
 __all__ = ["TorchOps", "ACTIVATIONS", "QUICK_GELU_FOLD"]
@@ -63,6 +64,16 @@ def torch_linear(x, weight, bias=None, activation=None, residual=None):
     return y if residual is None else y.add_(residual)
 
 
+def upcast_linear(x, weight, bias=None, activation=None, residual=None):
+    """``torch_linear`` computed in fp32 on exactly upcast operands, rounded once to ``x.dtype``."""
+    up = lambda t: None if t is None else t.float()  # noqa: E731
+    return torch_linear(up(x), up(weight), up(bias), activation, up(residual)).to(x.dtype)
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
 def _fold(tensor, factor, like):
     """``tensor`` (a checkpoint tensor, or the parameter itself) scaled in fp32, rounded once to ``like``."""
     if tensor is None:
@@ -75,6 +86,17 @@ class TorchOps:
 
     name = "torch"
 
+    def __init__(self, cpu_half_gemm: str = "auto"):
+        self.cpu_half_gemm = cpu_half.cpu_half_mode(cpu_half_gemm)
+
+    def _upcasts(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether half GEMMs on this device run in fp32 past ``cpu_half.UPCAST_FROM_ROWS`` rows."""
+        return cpu_half.upcasts(self.cpu_half_gemm, device, dtype)
+
+    def _prepares(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether the prepare step derives oneDNN forms (pre-blocked, quick_gelu folded) for this dtype."""
+        return self._onednn(device, dtype) and not self._upcasts(device, dtype)
+
     @staticmethod
     def _onednn(device: torch.device, dtype: torch.dtype) -> bool:
         """Whether GEMMs of this device and dtype run fused in oneDNN (CPU bf16/fp16, where it works)."""
@@ -83,12 +105,12 @@ class TorchOps:
     # -- prepare step ----------------------------------------------------------------------------
 
     def prepare_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if self._onednn(weight.device, weight.dtype) and onednn.prepack_works(weight.dtype):
+        if self._prepares(weight.device, weight.dtype) and onednn.prepack_works(weight.dtype):
             return onednn.prepack(weight)
         return weight
 
     def prepare_mlp(self, fc1_weight, fc1_bias, fc2_weight, activation, *, sources=None):
-        if activation != "quick_gelu" or not self._onednn(fc1_weight.device, fc1_weight.dtype):
+        if activation != "quick_gelu" or not self._prepares(fc1_weight.device, fc1_weight.dtype):
             return fc1_weight, fc1_bias, fc2_weight, activation
         originals = sources if sources is not None else (fc1_weight, fc1_bias, fc2_weight)
         folded = (_fold(t, f, like) for t, f, like in zip(originals, QUICK_GELU_FOLD, (fc1_weight, fc1_weight, fc2_weight)))
@@ -99,6 +121,8 @@ class TorchOps:
     def linear(self, x, weight, bias=None, *, activation=None, residual=None):
         _check_activation(activation)
         packed = onednn.is_prepacked(weight)
+        if not packed and _rows(x) >= cpu_half.UPCAST_FROM_ROWS and self._upcasts(x.device, x.dtype):
+            return upcast_linear(x, weight, bias, activation, residual)
         if packed or (self._onednn(x.device, x.dtype) and (activation is None or residual is None)):
             op = onednn.fused_linear()
             if residual is not None and activation is None:

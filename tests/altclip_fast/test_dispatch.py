@@ -24,7 +24,7 @@ ATOL, RTOL = 2e-5, 2e-5
 @pytest.fixture(params=["fused", "plain"])
 def torch_ops(request, monkeypatch):
     """The torch backend with oneDNN's fused GEMM (where this CPU has it) and with plain F.linear."""
-    ops = TorchOps()
+    ops = TorchOps("native")  # the oneDNN path itself; the fp32 upcast is test_cpu_half.py's
     if request.param == "plain":
         monkeypatch.setattr(TorchOps, "_onednn", staticmethod(lambda device, dtype: False))
     elif onednn.fused_linear_works(torch.float32):
@@ -265,7 +265,7 @@ class _Fold:
 def test_prepacked_weights_give_the_plain_weights_answer():
     """The prepare step's oneDNN-blocked copy computes exactly what the plain weight does, and lives
     nowhere on the weight itself."""
-    ops = dispatch.get_ops("torch")
+    ops = dispatch.get_ops("torch", cpu_half_gemm="native")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(37, 64, generator=gen).to(torch.bfloat16)
     w = torch.randn(48, 64, generator=gen).to(torch.bfloat16)

@@ -60,8 +60,11 @@ def check_three_way(checkpoint, batch, fp32_answer, dtype, device):
     assert rel_err(features / features.norm(dim=-1, keepdim=True), mine.image_embeds) < 4 * FLOOR[dtype]
 
 
+@pytest.mark.parametrize("half_gemm", ["native", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_cpu_low_precision(checkpoint, batch, fp32_answer, dtype):
+def test_cpu_low_precision(checkpoint, batch, fp32_answer, dtype, half_gemm, monkeypatch):
+    # Both ways a CPU runs half GEMMs (altclip_fast/ops/cpu_half.py), whichever this CPU picks by itself.
+    monkeypatch.setenv("ALTCLIP_FAST_CPU_HALF_GEMM", half_gemm)
     check_three_way(checkpoint, batch, fp32_answer, dtype, "cpu")
 
 

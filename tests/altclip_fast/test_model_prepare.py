@@ -17,6 +17,14 @@ from tests.parity import rel_err
 pytest.importorskip("transformers")
 
 CONFIG = tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def native_half_gemms(monkeypatch):
+    """The oneDNN forms are what this file checks; on a CPU without bf16 instructions the default
+    ("auto") derives none (its GEMMs run in fp32: test_cpu_half.py)."""
+    monkeypatch.setenv("ALTCLIP_FAST_CPU_HALF_GEMM", "native")
+
 BF16 = torch.bfloat16
 ALPHA = 1.702  # CLIP's quick_gelu constant, spelled out here independently of the library
 FOLDED = TorchOps._onednn(torch.device("cpu"), BF16)

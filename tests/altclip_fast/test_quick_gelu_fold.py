@@ -20,6 +20,14 @@ transformers = pytest.importorskip("transformers")
 from transformers.activations import ACT2FN  # noqa: E402
 
 CONFIG = tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def native_half_gemms(monkeypatch):
+    """The oneDNN forms are what this file checks; on a CPU without bf16 instructions the default
+    ("auto") derives none (its GEMMs run in fp32: test_cpu_half.py)."""
+    monkeypatch.setenv("ALTCLIP_FAST_CPU_HALF_GEMM", "native")
+
 FOLDED = tb.TorchOps._onednn(torch.device("cpu"), torch.bfloat16)
 # transformers' quick_gelu is x * sigmoid(alpha * x): read alpha off it rather than restating it.
 _q = ACT2FN["quick_gelu"](torch.tensor(1.0, dtype=torch.float64)).item()
@@ -43,7 +51,7 @@ def check_fp32_fold(canonical):
     x = torch.randn(256, CONFIG.vision_config.hidden_size, generator=torch.Generator().manual_seed(0)) * 2
     for i in range(CONFIG.vision_config.num_hidden_layers):
         w1, b1, w2, b2 = checkpoint_mlp(canonical, i)
-        fw1, fb1, fw2, act = tb.TorchOps().prepare_mlp(w1, b1, w2, "quick_gelu")
+        fw1, fb1, fw2, act = tb.TorchOps("native").prepare_mlp(w1, b1, w2, "quick_gelu")
         assert act == "silu" and fw1.dtype == torch.float32
         want = F.linear(ACT2FN["quick_gelu"](F.linear(x, w1, b1)), w2, b2)
         got = F.linear(F.silu(F.linear(x, fw1, fb1)), fw2, b2)

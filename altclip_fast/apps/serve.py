@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ class ServeOptions:
     max_queue: int = 1024
     max_request_bytes: int = 32 * 1024 * 1024
     max_request_items: int = 2048
+    label_cache_size: int = 4096
     api_key: str | None = None
     health_ttl_s: float = HEALTH_TTL_S
     preprocess_workers: int = 4
@@ -210,6 +212,10 @@ class Metrics:
                                  registry=self.registry)
         self._requests = Counter("altclip_requests", "Requests by route and status", ["route", "status"],
                                  registry=self.registry)
+        self._label_hits = Counter("altclip_label_cache_hits", "Classification labels served from the cache",
+                                   registry=self.registry)
+        self._label_misses = Counter("altclip_label_cache_misses", "Classification labels run through the model",
+                                     registry=self.registry)
         for kind in ("text", "image"):
             self._depth.labels(kind).set(0)
 
@@ -223,6 +229,10 @@ class Metrics:
         for wait in waits:
             self._wait.labels(kind).observe(wait)
         self._infer.labels(kind).observe(seconds)
+
+    def label_cache(self, hits, misses):
+        self._label_hits.inc(hits)
+        self._label_misses.inc(misses)
 
     def failure(self, reason, count=1):
         self._failures.labels(reason).inc(count)
@@ -294,6 +304,9 @@ def create_app(engine: Engine, options: ServeOptions, *, on_ready=None):
     )
     health = {"at": -math.inf, "ok": False, "error": None}
     health_lock = asyncio.Lock()
+    # /v1/classify clients send the same labels request after request: their rows, keyed by token ids
+    # (the model's whole input), skip the model after the first time. Touched on the event loop only.
+    label_rows: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
 
     def error_response(exc: ApiError, route: str):
         metrics.failure(exc.reason)
@@ -333,12 +346,33 @@ def create_app(engine: Engine, options: ServeOptions, *, on_ready=None):
         loop = asyncio.get_running_loop()
         if kind == "text":
             payloads = await loop.run_in_executor(prep_pool, engine.tokenize, items)
-            costs = [len(ids) for ids in payloads]
         else:
             payloads = await loop.run_in_executor(
                 prep_pool, lambda: [engine.decode_image(i, item) for i, item in enumerate(items)]
             )
-            costs = [1] * len(payloads)
+        return payloads, await run_rows(request, kind, payloads)
+
+    async def label_rows_for(request, labels: list[str]):
+        """``rows_for`` for classification labels, through the label cache (``--label-cache``)."""
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(prep_pool, engine.tokenize, labels)
+        keys = [tuple(t) for t in ids]
+        # Taken before waiting for the model: other requests may evict these entries meanwhile.
+        found = {k: label_rows[k] for k in keys if k in label_rows}
+        missing = [k for k in dict.fromkeys(keys) if k not in found]
+        if missing:
+            found.update(zip(missing, await run_rows(request, "text", [list(k) for k in missing])))
+        metrics.label_cache(hits=len(found) - len(missing), misses=len(missing))
+        for key in dict.fromkeys(keys):
+            label_rows[key] = found[key]
+            label_rows.move_to_end(key)
+        while len(label_rows) > options.label_cache_size:
+            label_rows.popitem(last=False)
+        return ids, np.stack([found[k] for k in keys])
+
+    async def run_rows(request, kind: str, payloads: list):
+        """Queue prepared items for the model and wait for their rows (or the client leaving)."""
+        costs = [len(ids) for ids in payloads] if kind == "text" else [1] * len(payloads)
         if len(payloads) > options.max_queue:
             raise ApiError(413, f"the request has {len(payloads)} items, more than the queue holds "
                            f"({options.max_queue}, --max-queue)", param="input", reason="too_many_items")
@@ -362,7 +396,7 @@ def create_app(engine: Engine, options: ServeOptions, *, on_ready=None):
             rows = gathered.result()
         except BatchFailed as exc:
             raise ApiError(500, f"inference failed: {exc}", kind="server_error", reason="inference_request") from None
-        return payloads, np.stack(rows)
+        return np.stack(rows)
 
     def encode(row: np.ndarray, fmt: str):
         if fmt == "base64":
@@ -403,7 +437,7 @@ def create_app(engine: Engine, options: ServeOptions, *, on_ready=None):
                                param="template")
             texts = labels if template is None else [template.replace("{}", label) for label in labels]
             (ids, text_rows), (_, image_rows) = await asyncio.gather(
-                rows_for(request, "text", texts), rows_for(request, "image", images)
+                label_rows_for(request, texts), rows_for(request, "image", images)
             )
         except ApiError as exc:
             return error_response(exc, route)
@@ -525,6 +559,9 @@ def add_arguments(parser) -> None:
     g.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024,
                    help="largest request body, else 413 (default: 32 MiB)")
     g.add_argument("--max-request-items", type=int, default=2048, help="inputs per request, else 413 (default: 2048)")
+    g.add_argument("--label-cache", type=int, default=4096, dest="label_cache_size",
+                   help="classification label rows kept for reuse, least recently used out first; 0 keeps none "
+                        "(default: 4096)")
     g.add_argument("--preprocess-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="threads that tokenize and decode images (default: up to 4)")
     g.add_argument("--slow-forward-ms", type=float, default=0.0, help=__import__("argparse").SUPPRESS)
@@ -539,6 +576,8 @@ def run(args, session_factory) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_wait_ms < 0:
         raise UsageError(f"--max-wait-ms must be at least 0, got {args.max_wait_ms}")
+    if args.label_cache_size < 0:
+        raise UsageError(f"--label-cache must be at least 0, got {args.label_cache_size}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     import uvicorn
 
@@ -552,7 +591,7 @@ def run(args, session_factory) -> int:
         model_name=args.served_model_name or args.model, max_batch_tokens=args.max_batch_tokens,
         max_batch_images=args.max_batch_images, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes, max_request_items=args.max_request_items, api_key=api_key,
-        preprocess_workers=args.preprocess_workers, slow_forward_ms=args.slow_forward_ms,
+        label_cache_size=args.label_cache_size, preprocess_workers=args.preprocess_workers, slow_forward_ms=args.slow_forward_ms,
         interpolate_pos_encoding=session.interpolate_pos_encoding,
     )
     engine = Engine(session.model, session.processor, device=session.device, dtype=session.dtype, options=options)

@@ -227,6 +227,35 @@ def test_classify_gives_the_cli_probabilities(client, direct):
         assert probabilities == sorted(probabilities, reverse=True)
 
 
+def _counter(metrics: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, (name, metrics)
+    return values[0]
+
+
+def test_classify_reuses_label_rows_and_still_answers_right(client, direct):
+    """Labels seen before skip the model; a new label (or the same label under another template) does not."""
+    image = png(44, 38, 9)
+    texts = {label: direct["text"](f"a picture of {label}") for label in ("owl", "fox", "yak")}
+
+    def classify(labels):
+        before = client.get("/metrics").text
+        r = client.post("/v1/classify", json={"input": [b64(image)], "labels": labels, "template": "a picture of {}"})
+        assert r.status_code == 200, r.text
+        after = client.get("/metrics").text
+        ran = {name: _counter(after, name) - _counter(before, name)
+               for name in ("altclip_label_cache_hits_total", "altclip_label_cache_misses_total")}
+        logits = direct["scale"] * direct["image"](image) @ np.stack([texts[label] for label in labels]).T
+        expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        got = {p["label"]: p["probability"] for p in r.json()["data"][0]["predictions"]}
+        np.testing.assert_allclose([got[label] for label in labels], expected, atol=1e-5)
+        return ran["altclip_label_cache_hits_total"], ran["altclip_label_cache_misses_total"]
+
+    assert classify(["owl", "fox"]) == (0, 2)
+    assert classify(["fox", "owl"]) == (2, 0)
+    assert classify(["yak", "owl", "yak"]) == (1, 1)
+
+
 def test_models_health_metrics_and_the_api_key(server, client):
     assert client.get("/v1/models").json()["data"][0]["object"] == "model"
     health = httpx.get(server.url + "/health", timeout=30)  # no key needed

@@ -380,14 +380,32 @@ def _decode_bytes(args):
         return None, f"cannot decode ({type(exc).__name__}{': ' + text if text else ''})"
 
 
+def tar_images(tar: str, wanted: dict[str, int]) -> Iterator[tuple[int, bytes]]:
+    """``(index, image bytes)`` for one tar's wanted samples (``{key: index}``), in the tar's order.
+    Both engines read members here, so that they see the same samples."""
+    for sample in _wds_samples(tar, []):
+        i = wanted.get(sample.get("__key__"))
+        if i is not None:
+            yield i, sample[_image_member(sample)]
+
+
 def _wds_bytes(listing: Listing, wanted: set[int]) -> Iterator[tuple[int, bytes]]:
     """``(index, image bytes)`` for the wanted inputs, in listing order, reading each tar once."""
-    position = {item: i for i, item in enumerate(listing.items)}
-    for t, tar in enumerate(listing.tars):
-        for sample in _wds_samples(tar, []):
-            i = position.get((t, sample.get("__key__")))
-            if i is not None and i in wanted:
-                yield i, sample[_image_member(sample)]
+    by_tar: dict[int, dict[str, int]] = {}
+    for i in sorted(wanted):
+        t, key = listing.items[i]
+        by_tar.setdefault(t, {})[key] = i
+    for t, keys in sorted(by_tar.items()):
+        yield from tar_images(listing.tars[t], keys)
+
+
+def skipped_path(listing: Listing, i: int) -> str:
+    """How skipped.parquet names input ``i``: a webdataset sample by its tar (its key goes in ``key``,
+    as the listing's own skipped rows do), any other input by its path or caption."""
+    if listing.source == "webdataset":
+        return listing.tars[listing.items[i][0]]
+    row = listing.rows[i]
+    return row.get("image_path", row.get("caption"))
 
 
 def image_crops(listing: Listing, batches: list[list[int]], session, workers: int):
@@ -436,10 +454,7 @@ def embed_shard_batches(listing: Listing, shard: range, batches_out, session, jo
             parts.append(_embed_mod._embed(session, listing.kind, payload, job.normalize))
             kept.extend(indices)
         for i, reason in zip(bad, reasons):
-            row = listing.rows[i]
-            # a webdataset sample is named by its tar and its key, as the listing's skipped rows are
-            path = listing.tars[listing.items[i][0]] if listing.source == "webdataset" else row.get("image_path", row.get("caption"))
-            skipped.append({"path": path, "key": row.get("key"), "reason": reason})
+            skipped.append({"path": skipped_path(listing, i), "key": listing.rows[i].get("key"), "reason": reason})
     dim = session.model.config.projection_dim
     key = "img" if listing.kind == "image" else "text"
     embeddings = {key: (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)).astype(dtype)}

@@ -1,11 +1,13 @@
 """``embed --out-dir DIR --engine ray``: the same shards as the local engine, computed by Ray Data.
 
 Pipeline: the pending shards' inputs (listed by the driver, which keys ``--resume`` on them) ->
-decoding and resizing as CPU tasks -> the model in an actor pool (``map_batches`` with a callable
-class, ``--ray-workers`` actors), each batch saved by its actor as per-shard part files under
-``DIR/.altclip-fast/parts/`` -> one Ray task per shard that puts its parts back into listing order
-and writes the shard with ``collection.write_shard``. So the driver never holds embeddings and the
-files are the local engine's. (A ``groupby(shard)`` would do the same through Ray's hash shuffle,
+decoding and resizing as CPU tasks (for webdataset, one task per tar, which reads the wanted
+members and decodes them) -> the model in an actor pool (``map_batches`` with a callable class,
+``--ray-workers`` actors; with ``--with-text`` it embeds each sample's caption too), each batch
+saved by its actor as per-shard part files under ``DIR/.altclip-fast/parts/`` -> one Ray task per
+shard that puts its parts back into listing order and writes the shard with
+``collection.write_shard``. So the driver never holds image bytes or embeddings, and the files are
+the local engine's. (A ``groupby(shard)`` would do the same through Ray's hash shuffle,
 whose aggregator actors a 2-CPU machine cannot fit next to the model actors.) Actors are restarted
 and their tasks retried when one dies (``max_restarts``/``max_task_retries``); a retried batch
 rewrites its part files, and a shard takes each input once. DIR must be on storage every node sees.
@@ -103,22 +105,53 @@ class Embedder:
 
 
 def _decoder(image_processor):
+    """A batch's ``path`` (image files) or ``data`` (encoded images) -> ``crop``, ``ok``, ``reason``,
+    through the local engine's functions, so that crops and reasons are the same."""
+
     def decode(batch: dict) -> dict:
+        from .collection import _decode_bytes
         from .embed import _ImageFiles
 
-        crops, ok, reasons = [], [], []
+        if "data" in batch:
+            results = [_decode_bytes((image_processor, d)) for d in batch["data"]]
+        else:
+            files = _ImageFiles([str(p) for p in batch["path"]], image_processor)
+            results = [files[i][1:] for i in range(len(files))]
         size = (3, image_processor.crop_size["height"], image_processor.crop_size["width"])
-        files = _ImageFiles([str(p) for p in batch["path"]], image_processor)  # the local engine's reasons
-        for i in range(len(files)):
-            _, crop, reason = files[i]
-            crops.append(crop if crop is not None else np.zeros(size, np.uint8))
-            ok.append(crop is not None)
-            reasons.append(reason or "")
-        out = {k: v for k, v in batch.items() if k != "path"}
-        out.update(crop=np.stack(crops), ok=np.asarray(ok), reason=np.asarray(reasons, dtype=object))
+        out = {k: v for k, v in batch.items() if k not in ("path", "data")}
+        out.update(crop=np.stack([c if c is not None else np.zeros(size, np.uint8) for c, _ in results]),
+                   ok=np.asarray([c is not None for c, _ in results]),
+                   reason=np.asarray([r or "" for _, r in results], dtype=object))
         return out
 
     return decode
+
+
+def _columns(records: list[dict]) -> dict:
+    # object arrays: numpy's fixed-width bytes and str types drop trailing NULs, which images have
+    return {k: np.asarray([r[k] for r in records], dtype=None if k in ("idx", "shard") else object)
+            for k in records[0]}
+
+
+def _tar_reader(decode, batch_size: int):
+    """A read unit (one tar and its wanted records, as JSON) -> those records decoded, in batches:
+    each member's bytes are read and decoded where the task runs, never on the driver."""
+
+    def read(units: dict):
+        from .collection import tar_images
+
+        for tar, records in zip(units["tar"], units["records"]):
+            records = {r["idx"]: r for r in json.loads(records)}
+            batch = []
+            for i, data in tar_images(str(tar), {r["key"]: i for i, r in records.items()}):
+                batch.append(dict(records[i], data=data))
+                if len(batch) == batch_size:
+                    yield decode(_columns(batch))
+                    batch = []
+            if batch:
+                yield decode(_columns(batch))
+
+    return read
 
 
 def _parts_dir(root: str, k: int) -> Path:
@@ -130,8 +163,9 @@ class _ShardEmbedder(Embedder):
     (temporary name, then a rename) under ``DIR/.altclip-fast/parts/{shard}/``, and returns only
     counts, so that the embeddings never travel to the driver. A retried batch rewrites its parts."""
 
-    def __init__(self, settings: dict, kind: str, normalize: bool, root: str, kill_marker: str | None = None):
-        super().__init__(settings, kind, normalize, kill_marker)
+    def __init__(self, settings: dict, kind: str, normalize: bool, root: str, kill_marker: str | None = None,
+                 text_column: str | None = None):
+        super().__init__(settings, kind, normalize, kill_marker, text_column)
         self.root = root
 
     def __call__(self, batch: dict) -> dict:
@@ -141,11 +175,13 @@ class _ShardEmbedder(Embedder):
         ok = np.asarray(batch["ok"], dtype=bool)
         reasons = np.asarray([str(r) for r in batch["reason"]] if "reason" in batch else [""] * len(idx), dtype=str)
         metas = np.asarray([str(m) for m in batch["meta"]], dtype=str)
+        where = np.asarray([str(p) for p in batch["skip_path"]], dtype=str)
+        embeddings = [name for name in ("embedding", "text_embedding") if name in batch]
         counts = []
         for k in np.unique(shards):
             sel = shards == k
-            part = {"idx": idx[sel], "ok": ok[sel], "reason": reasons[sel], "meta": metas[sel],
-                    "embedding": np.asarray(batch["embedding"])[sel]}
+            part = {"idx": idx[sel], "ok": ok[sel], "reason": reasons[sel], "meta": metas[sel], "skip_path": where[sel],
+                    **{name: np.asarray(batch[name])[sel] for name in embeddings}}
             folder = _parts_dir(self.root, int(k))
             folder.mkdir(parents=True, exist_ok=True)
             final = folder / f"{int(part['idx'].min()):012d}-{int(part['idx'].max()):012d}.npz"
@@ -158,9 +194,11 @@ class _ShardEmbedder(Embedder):
                 "rows": np.asarray([c[1] for c in counts], dtype=np.int64)}
 
 
-def _assemble(root: str, width: int, schema, emb_dtype: str, kind: str, k: int, start: int, stop: int) -> int:
+def _assemble(root: str, width: int, schema, emb_dtype: str, columns: dict[str, str], k: int, start: int,
+              stop: int) -> int:
     """A Ray task: shard ``k``'s parts -> its files (``collection.write_shard``), in listing order,
-    every input of ``[start, stop)`` exactly once (a part rewritten by a retried batch counts once)."""
+    every input of ``[start, stop)`` exactly once (a part rewritten by a retried batch counts once).
+    ``columns``: each embedding kind the shard writes ("img", "text") -> its part column."""
     import shutil
 
     from .collection import EMB_DTYPES, Layout, write_shard
@@ -177,21 +215,50 @@ def _assemble(root: str, width: int, schema, emb_dtype: str, kind: str, k: int, 
         return np.concatenate([p[name] for p in parts])[first]
 
     ok, reasons, metas = column("ok"), column("reason"), [json.loads(m) for m in column("meta")]
-    embeddings = {kind: column("embedding")[ok].astype(EMB_DTYPES[emb_dtype])}
-    skipped = [{"path": m.get("image_path", m.get("caption")), "key": m.get("key"), "reason": str(r)}
-               for m, good, r in zip(metas, ok, reasons) if not good]
+    embeddings = {kind: column(name)[ok].astype(EMB_DTYPES[emb_dtype]) for kind, name in columns.items()}
+    skipped = [{"path": str(p), "key": m.get("key"), "reason": str(r)}
+               for m, p, good, r in zip(metas, column("skip_path"), ok, reasons) if not good]
     rows = [m for m, good in zip(metas, ok) if good]
     marker = write_shard(Layout(Path(root), width), k, schema, embeddings, rows, skipped)
     shutil.rmtree(folder, ignore_errors=True)
     return marker["rows"]
 
 
+def _records(listing, shards, pending) -> list[dict]:
+    """One per pending input: where it goes (``idx``, ``shard``), its metadata, how skipped.parquet
+    names it, and how a worker reads it (``path``, ``tar`` and ``key``, or ``text``); with
+    --with-text, its caption in ``text``."""
+    from .collection import skipped_path
+
+    records = []
+    for k in pending:
+        for i in shards[k]:
+            record = {"idx": i, "shard": k, "meta": json.dumps(listing.rows[i], ensure_ascii=False),
+                      "skip_path": skipped_path(listing, i)}
+            if listing.source == "webdataset":
+                t, record["key"] = listing.items[i]
+                record["tar"] = os.path.abspath(listing.tars[t])
+            elif listing.kind == "image":
+                record["path"] = os.path.abspath(listing.items[i])
+            else:
+                record["text"] = listing.items[i]
+            if listing.texts is not None:
+                record["text"] = listing.texts[i]
+            records.append(record)
+    return records
+
+
+def _read_units(records: list[dict]) -> list[dict]:
+    """Webdataset records -> one read unit per tar, so that each tar is read once, by one task."""
+    by_tar: dict[str, list[dict]] = {}
+    for record in records:
+        by_tar.setdefault(record.pop("tar"), []).append(record)
+    return [{"tar": tar, "records": json.dumps(rs, ensure_ascii=False)} for tar, rs in by_tar.items()]
+
+
 def compute(job, listing, layout, schema, shards, pending, session) -> None:
     import shutil
 
-    if listing.source == "webdataset":
-        raise UsageError("--engine ray reads image folders, globs and caption files; for webdataset tars use "
-                         "--engine local (or ray.data.read_webdataset with embed_dataset)")
     ray = _ensure_ray(job.ray_address)
     resources = ray.cluster_resources()
     gpus = job.ray_gpus_per_worker
@@ -203,35 +270,39 @@ def compute(job, listing, layout, schema, shards, pending, session) -> None:
     root = str(layout.root.resolve())  # Ray's workers do not share the driver's working directory
     for k in pending:  # parts left by a killed run are recomputed
         shutil.rmtree(_parts_dir(root, k), ignore_errors=True)
-    records = []
-    for k in pending:
-        for i in shards[k]:
-            record = {"idx": i, "shard": k, "meta": json.dumps(listing.rows[i], ensure_ascii=False)}
-            record["path" if listing.kind == "image" else "text"] = (
-                os.path.abspath(listing.items[i]) if listing.kind == "image" else listing.items[i])
-            records.append(record)
+    records = _records(listing, shards, pending)
     settings = {"model_dir": str(session.model_dir.resolve()), "dtype": str(session.dtype).removeprefix("torch."),
                 "device": None if gpus else "cpu", "image_size": getattr(session, "image_size", None),
                 "exif_transpose": job.exif_transpose, "fast_decode": job.fast_decode}
-    ds = ray.data.from_items(records)
-    if listing.kind == "image":
-        ds = ds.map_batches(_decoder(session.processor.image_processor), batch_size=job.batch_size,
-                            batch_format="numpy")
+    decode = _decoder(session.processor.image_processor)
+    if listing.source == "webdataset":
+        # The task that reads a tar decodes it too: the bytes never enter the object store. (A decode
+        # step of its own would be fused into the read anyway, with batch_size tars to one task.)
+        units = _read_units(records)
+        ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+            _tar_reader(decode, job.batch_size), batch_size=1, batch_format="numpy")
+    else:
+        ds = ray.data.from_items(records)
+        if listing.kind == "image":
+            ds = ds.map_batches(decode, batch_size=job.batch_size, batch_format="numpy")
     # Ray Data's actor pools restart dead actors and retry their batches (max_restarts and
     # max_task_retries default to -1 there).
     ds = ds.map_batches(
         _ShardEmbedder, fn_constructor_kwargs={"settings": settings, "kind": listing.kind, "normalize": job.normalize,
-                                               "root": root, "kill_marker": os.environ.get(_KILL_ACTOR_ONCE)},
+                                               "root": root, "kill_marker": os.environ.get(_KILL_ACTOR_ONCE),
+                                               "text_column": "text" if listing.texts is not None else None},
         compute=ray.data.ActorPoolStrategy(size=job.ray_workers), num_gpus=gpus, num_cpus=cpus,
         batch_size=job.batch_size, batch_format="numpy",
     )
     done = sorted({int(r["shard"]) for r in ds.take_all()})  # counts only: the driver holds no embeddings
     if done != sorted(pending):
         raise RuntimeError(f"Ray embedded shards {done}, expected {sorted(pending)}")
-    kind = "img" if listing.kind == "image" else "text"
+    columns = {"img" if listing.kind == "image" else "text": "embedding"}
+    if listing.texts is not None:
+        columns["text"] = "text_embedding"
     assemble = ray.remote(num_cpus=min(1.0, resources.get("CPU", 1)), max_retries=3)(_assemble)
-    waiting = [assemble.remote(root, layout.width, schema, job.emb_dtype, kind, k, shards[k].start, shards[k].stop)
-               for k in pending]
+    waiting = [assemble.remote(root, layout.width, schema, job.emb_dtype, columns, k, shards[k].start,
+                               shards[k].stop) for k in pending]
     crash_after = int(os.environ.get(_CRASH_AFTER_SHARDS, "0") or 0)
     written = 0
     while waiting:
@@ -263,18 +334,9 @@ def embed_dataset(ds, model: str, *, column: str = "image", kind: str | None = N
         decode = _decoder(ip)
 
         def prepare(batch: dict) -> dict:
-            from .collection import _decode_bytes
-
             values = batch[column]
-            if len(values) and isinstance(values[0], (bytes, bytearray)):
-                results = [_decode_bytes((ip, v)) for v in values]
-                size = (3, ip.crop_size["height"], ip.crop_size["width"])
-                batch = dict(batch)
-                batch["crop"] = np.stack([c if c is not None else np.zeros(size, np.uint8) for c, _ in results])
-                batch["ok"] = np.asarray([c is not None for c, _ in results])
-                return batch
-            out = decode({"path": values})
-            return {**batch, **out}
+            encoded = len(values) and isinstance(values[0], (bytes, bytearray))
+            return {**batch, **decode({"data" if encoded else "path": values})}
 
         ds = ds.map_batches(prepare, batch_size=batch_size, batch_format="numpy")
     else:

@@ -1,7 +1,10 @@
 """``embed --out-dir --engine ray``: the local engine's shards from a local Ray (num_cpus=2, started
-once for the module and shut down after), an actor killed mid-run, and ``embed_dataset``."""
+once for the module and shut down after), webdataset input with --with-text, an actor killed mid-run,
+and ``embed_dataset``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,13 +36,16 @@ def local_run(work):  # noqa: F811
 
 
 def _same(a, b):
-    assert [p.shape for p in shards(a)] == [p.shape for p in shards(b)]
-    for x, y in zip(shards(a), shards(b)):
-        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=2e-3)
-    assert metadata(a) == metadata(b)
-    import pyarrow.parquet as pq
+    for kind in ("img", "text"):
+        assert [p.shape for p in shards(a, kind)] == [p.shape for p in shards(b, kind)]
+        for x, y in zip(shards(a, kind), shards(b, kind)):
+            np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=2e-3)
+    def parquets(out):
+        return [p.relative_to(out) for p in sorted(out.glob("metadata/*.parquet"))] + [Path("skipped.parquet")]
 
-    assert pq.read_table(a / "skipped.parquet").to_pylist() == pq.read_table(b / "skipped.parquet").to_pylist()
+    assert parquets(a) == parquets(b)
+    for name in parquets(a):  # the same rows, types and order: the same bytes
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_ray_engine_writes_the_local_engines_shards(work, local_ray, local_run):  # noqa: F811
@@ -84,3 +90,23 @@ def test_ray_driver_killed_mid_run_is_finished_by_resume(work, local_ray, local_
     assert "shards reused" in proc.stdout and "0 shards reused" not in proc.stdout, proc.stdout
     _same(out, local_run)
     assert not list(out.rglob("*.tmp")) and not (out / ".altclip-fast" / "parts").exists()
+
+
+def test_ray_engine_on_webdataset_with_text(work, local_ray, monkeypatch):  # noqa: F811
+    # A corrupt member (s1), a sample without an image (s3) and a truncated tar (00002), in shards of
+    # two that cross tars.
+    pytest.importorskip("webdataset")
+    cmd = ["embed", "wds/{00000..00002}.tar", "--with-text", "--shard-size", 2, "--batch-size", 2, *CPU]
+    assert main(*cmd, "--out-dir", "wds_local", cwd=work) == 0
+
+    def on_the_driver(*args):
+        raise AssertionError("the driver read tar members")
+
+    monkeypatch.setattr("altclip_fast.apps.collection.tar_images", on_the_driver)  # Ray's workers do not see this
+    assert main(*cmd, "--out-dir", "wds_ray", "--engine", "ray", cwd=work) == 0
+    _same(work / "wds_ray", work / "wds_local")
+    import pyarrow.parquet as pq
+
+    reasons = [r["reason"] for r in pq.read_table(work / "wds_ray" / "skipped.parquet").to_pylist()]
+    assert len(reasons) == 3 and any("cannot decode" in r for r in reasons), reasons
+    assert len(metadata(work / "wds_ray")) == sum(len(t) for t in shards(work / "wds_ray", "text")) == 5

@@ -278,6 +278,7 @@ def cmd_embed_collection(args) -> int:
         overwrite=args.overwrite, progress=not args.no_progress, exif_transpose=not args.no_exif_transpose,
         fast_decode=args.fast_decode, engine=args.engine, ray_address=args.ray_address,
         ray_workers=args.ray_workers, ray_gpus_per_worker=args.ray_gpus_per_worker,
+        ray_cpus_per_worker=args.ray_cpus_per_worker,
     )
     return collection.run(job, lambda: Session(args))
 
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-workers", type=int, default=1, help="--engine ray: model actors (default 1)")
     p.add_argument("--ray-gpus-per-worker", type=float, default=None,
                    help="--engine ray: GPUs per actor (default 1 on GPU clusters, 0 on CPU)")
+    p.add_argument("--ray-cpus-per-worker", type=float, default=None,
+                   help="--engine ray: CPUs per actor, and so its torch threads (default: 1 with GPUs; CPU actors "
+                        "share the cluster's CPUs but one, which decoding keeps, at most one node's worth each)")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes that decode and resize images (default: one per spare "
                         "CPU core, up to 16)")

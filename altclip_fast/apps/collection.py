@@ -346,6 +346,7 @@ class CollectionJob:
     ray_address: str | None = None
     ray_workers: int = 1
     ray_gpus_per_worker: float | None = None
+    ray_cpus_per_worker: float | None = None
 
 
 def _plan(job: CollectionJob, listing: Listing, session) -> dict:
@@ -544,6 +545,12 @@ def run(job: CollectionJob, open_session: Callable[[], object]) -> int:
         raise UsageError(f"--shard-size must be at least 1, got {job.shard_size}")
     if job.emb_dtype not in EMB_DTYPES:
         raise UsageError(f"--emb-dtype must be one of {', '.join(EMB_DTYPES)}, got {job.emb_dtype}")
+    if job.ray_workers < 1:
+        raise UsageError(f"--ray-workers must be at least 1, got {job.ray_workers}")
+    for name in ("ray_gpus_per_worker", "ray_cpus_per_worker"):
+        value = getattr(job, name)
+        if value is not None and (value < 0 or (name == "ray_cpus_per_worker" and value == 0)):
+            raise UsageError(f"--{name.replace('_', '-')} must be {'above' if 'cpus' in name else 'at least'} 0, got {value}")
     root.mkdir(exist_ok=True)
     with exclusive_output(SimpleNamespace(out=root / "skipped.parquet", lock=root / ".altclip-fast.lock")):
         return _locked_run(job, root, open_session)

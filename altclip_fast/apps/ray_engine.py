@@ -18,6 +18,7 @@ rewrites its part files, and a shard takes each input once. DIR must be on stora
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -53,12 +54,15 @@ class _Session:
     """What ``embed._embed`` needs, built inside an actor from picklable settings."""
 
     def __init__(self, model_dir: str, dtype: str, device: str | None, image_size, exif_transpose: bool,
-                 fast_decode: bool):
+                 fast_decode: bool, threads: int | None = None):
         import torch
 
         from .cli import load_model, load_processor
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if threads and self.device.type == "cpu":
+            # The actor's CPU share, whatever OMP_NUM_THREADS Ray derived for it.
+            torch.set_num_threads(threads)
         self.dtype = getattr(torch, dtype)
         self.image_size = image_size
         self.interpolate_pos_encoding = image_size is not None
@@ -256,6 +260,23 @@ def _read_units(records: list[dict]) -> list[dict]:
     return [{"tar": tar, "records": json.dumps(rs, ensure_ascii=False)} for tar, rs in by_tar.items()]
 
 
+def actor_cpus(cluster_cpus: float, node_cpus: float, workers: int, gpus: float, requested: float | None) -> float:
+    """CPUs to reserve per model actor. A GPU actor needs one to feed its GPU. CPU actors share the
+    cluster's CPUs but one, which the decoding tasks keep (or every core would be held by an actor
+    waiting for decoded batches), whole CPUs where the share is at least one (torch runs that many
+    threads), and never more than one node has (or the actor could not be placed)."""
+    if requested is not None:
+        return requested
+    if gpus:
+        return 1.0
+    share = min((cluster_cpus - 1) / workers, node_cpus)
+    return float(math.floor(share)) if share >= 1 else max(0.1, share)
+
+
+def _largest_node_cpus(ray) -> float:
+    return max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1.0)
+
+
 def compute(job, listing, layout, schema, shards, pending, session) -> None:
     import shutil
 
@@ -264,16 +285,14 @@ def compute(job, listing, layout, schema, shards, pending, session) -> None:
     gpus = job.ray_gpus_per_worker
     if gpus is None:
         gpus = 1 if resources.get("GPU", 0) else 0
-    # CPU actors leave a core to the decoding tasks, or a small cluster would deadlock with every core
-    # held by an actor waiting for decoded batches.
-    cpus = 1.0 if gpus else max(0.1, min(1.0, (resources.get("CPU", 1) - 1) / max(1, job.ray_workers)))
+    cpus = actor_cpus(resources.get("CPU", 1), _largest_node_cpus(ray), job.ray_workers, gpus, job.ray_cpus_per_worker)
     root = str(layout.root.resolve())  # Ray's workers do not share the driver's working directory
     for k in pending:  # parts left by a killed run are recomputed
         shutil.rmtree(_parts_dir(root, k), ignore_errors=True)
     records = _records(listing, shards, pending)
     settings = {"model_dir": str(session.model_dir.resolve()), "dtype": str(session.dtype).removeprefix("torch."),
                 "device": None if gpus else "cpu", "image_size": getattr(session, "image_size", None),
-                "exif_transpose": job.exif_transpose, "fast_decode": job.fast_decode}
+                "exif_transpose": job.exif_transpose, "fast_decode": job.fast_decode, "threads": max(1, int(cpus))}
     decode = _decoder(session.processor.image_processor)
     if listing.source == "webdataset":
         # The task that reads a tar decodes it too: the bytes never enter the object store. (A decode
@@ -315,10 +334,11 @@ def compute(job, listing, layout, schema, shards, pending, session) -> None:
 
 
 def embed_dataset(ds, model: str, *, column: str = "image", kind: str | None = None, batch_size: int = 32,
-                  workers: int = 1, gpus_per_worker: float | None = None, normalize: bool = True,
-                  dtype: str | None = None):
+                  workers: int = 1, gpus_per_worker: float | None = None, cpus_per_worker: float | None = None,
+                  normalize: bool = True, dtype: str | None = None):
     """A Ray Dataset with an ``image`` column (paths or encoded bytes) or a text column -> the same
-    with an ``embedding`` column (float32; rows that cannot be decoded get zeros and ``ok=False``)."""
+    with an ``embedding`` column (float32; rows that cannot be decoded get zeros and ``ok=False``).
+    ``cpus_per_worker``: as ``actor_cpus`` picks by default."""
     ray = _ray()
     from .cli import load_processor, resolve_model
 
@@ -326,9 +346,11 @@ def embed_dataset(ds, model: str, *, column: str = "image", kind: str | None = N
     kind = kind or ("image" if column == "image" else "text")
     if gpus_per_worker is None:
         gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) else 0
+    cpus = actor_cpus(ray.cluster_resources().get("CPU", 1), _largest_node_cpus(ray), workers, gpus_per_worker,
+                      cpus_per_worker)
     settings = {"model_dir": str(model_dir), "dtype": dtype or ("bfloat16" if gpus_per_worker else "float32"),
                 "device": None if gpus_per_worker else "cpu", "image_size": None, "exif_transpose": True,
-                "fast_decode": False}
+                "fast_decode": False, "threads": max(1, int(cpus))}
     if kind == "image":
         ip = load_processor(model_dir).image_processor
         decode = _decoder(ip)
@@ -344,6 +366,6 @@ def embed_dataset(ds, model: str, *, column: str = "image", kind: str | None = N
     ds = ds.map_batches(lambda b: {**b, "idx": np.arange(len(next(iter(b.values()))))}, batch_format="numpy")
     return ds.map_batches(
         Embedder, fn_constructor_kwargs={"settings": settings, "kind": kind, "normalize": normalize},
-        compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker, batch_size=batch_size,
-        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker, num_cpus=cpus,
+        batch_size=batch_size, batch_format="numpy",
     ).map_batches(lambda b: {k: v for k, v in b.items() if k not in ("idx", "crop")}, batch_format="numpy")

@@ -199,3 +199,37 @@ def test_usage_errors(work, capsys):
     assert "--with-text needs webdataset input" in capsys.readouterr().err
     assert main("search", "photos", "--text", "x", cwd=work) == 2
     assert "not an embed --out-dir collection" in capsys.readouterr().err
+    # Checked before Ray (or the model) is touched.
+    assert main("embed", "photos", "--out-dir", "r", "--engine", "ray", "--ray-workers", "0", *CPU, cwd=work) == 2
+    assert "--ray-workers must be at least 1, got 0" in capsys.readouterr().err
+    assert main("embed", "photos", "--out-dir", "r", "--engine", "ray", "--ray-cpus-per-worker", "0", *CPU, cwd=work) == 2
+    assert "--ray-cpus-per-worker must be above 0, got 0.0" in capsys.readouterr().err
+    assert main("embed", "photos", "--out-dir", "r", "--engine", "ray", "--ray-gpus-per-worker", "-1", *CPU, cwd=work) == 2
+    assert "--ray-gpus-per-worker must be at least 0, got -1.0" in capsys.readouterr().err
+
+
+def test_ray_actors_get_a_share_of_the_cpus():
+    from altclip_fast.apps.ray_engine import actor_cpus
+
+    assert actor_cpus(2, 2, workers=1, gpus=0, requested=None) == 1.0  # the other core decodes
+    assert actor_cpus(2, 2, workers=2, gpus=0, requested=None) == 0.5
+    assert actor_cpus(16, 16, workers=2, gpus=0, requested=None) == 7.0  # 7 torch threads each, not 1
+    assert actor_cpus(32, 16, workers=1, gpus=0, requested=None) == 16.0  # no more than a node has
+    assert actor_cpus(1, 1, workers=1, gpus=0, requested=None) == 0.1
+    assert actor_cpus(64, 64, workers=4, gpus=1, requested=None) == 1.0  # a GPU actor feeds its GPU
+    assert actor_cpus(64, 64, workers=4, gpus=0, requested=3.0) == 3.0
+
+
+def test_a_ray_actor_runs_torch_on_its_cpu_share(work):
+    """Ray derives OMP_NUM_THREADS from an actor's CPUs; the actor sets torch's threads itself too."""
+    import torch
+
+    from altclip_fast.apps.ray_engine import _Session
+
+    before = torch.get_num_threads()
+    try:
+        want = 1 if before > 1 else 2
+        _Session(str(work / "model"), "float32", "cpu", None, True, False, threads=want)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)

@@ -145,8 +145,10 @@ FLOOR = {torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_rule(checkpoint, dtype):
-    pv = pixels(336, 336, batch=2, seed=6)
-    ids, mask = make_text_batch(CONFIG, [5, 3, 8], seed=6)
+    # 32 logits, not 6: the largest error among 6 is noise (plain torch's own swung from 1.4e-3 to
+    # 9.3e-3 across 8 random checkpoints in bf16), too little to hold a 2x rule against.
+    pv = pixels(336, 336, batch=4, seed=6)
+    ids, mask = make_text_batch(CONFIG, [5, 3, 8, 6, 2, 7, 4, 9], seed=6)
     batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pv, interpolate_pos_encoding=True)
     with torch.no_grad():
         want = reference.AltCLIPModel.from_pretrained(checkpoint)(**batch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from altclip_fast.apps.search import Index
 
@@ -79,3 +80,15 @@ def test_one_dimensional_query_and_stored_row_finds_itself(tmp_path):
     assert scores.shape == (1, 3)
     assert (int(shard_ids[0, 0]), int(row_ids[0, 0])) == (1, 40) and scores[0, 0] > 0.9999
     _check(index, shards, shards[3][5].astype(np.float32), 12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtypes", [[np.float16] * 4, [np.float32] * 4], ids=["float16", "float32"])
+def test_search_on_the_gpu_matches_brute_force(tmp_path, dtypes):
+    """The chunks cross to the GPU (float16 ones at their own width) and are scored there."""
+    shards = _collection(tmp_path, dtypes)
+    index = Index(tmp_path, chunk_rows=CHUNK, device="cuda")
+    queries = np.random.default_rng(2).standard_normal((3, DIM)).astype(np.float32)
+    for k in (1, 20, 1000):
+        _check(index, shards, queries, k)

@@ -20,7 +20,6 @@ argument wins over it.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Protocol
 
 import torch
@@ -28,6 +27,7 @@ import torch
 from .cpu_half import cpu_half_mode
 from .gemm_choice import gemm_mode
 from .layouts import PackedLayout, PaddedLayout, explicit_attention
+from .settings import choose
 
 __all__ = [
     "BACKENDS",
@@ -99,11 +99,7 @@ class Ops(Protocol):
 def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     """The backend that runs ops on ``device``: the argument, else ``$ALTCLIP_FAST_BACKEND``, else auto
     (Triton for CUDA, torch otherwise)."""
-    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    name = name.strip().lower()
-    if name not in BACKENDS:
-        where = "backend" if backend is not None else ENV_VAR
-        raise ValueError(f"{where} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    name = choose(backend, ENV_VAR, BACKENDS, "backend")
     if name == "auto":
         return "triton" if torch.device(device).type == "cuda" else "torch"
     return name

@@ -16,9 +16,10 @@ threshold). It is read when a model resolves its backend (``ops.get_ops``), not 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from .settings import choose
 
 __all__ = ["ENV_VAR", "MODES", "UPCAST_FROM_ROWS", "cpu_half_mode", "cpu_flags", "native_gemm", "upcasts"]
 
@@ -40,11 +41,7 @@ _NATIVE_FLAGS = {
 
 def cpu_half_mode(mode: str | None = None) -> str:
     """``mode``, else ``$ALTCLIP_FAST_CPU_HALF_GEMM``, validated: ``auto``, ``native`` or ``fp32``."""
-    name = (os.environ.get(ENV_VAR, "auto") if mode is None else mode).strip().lower()
-    if name not in MODES:
-        where = ENV_VAR if mode is None else "cpu_half"
-        raise ValueError(f"{where} must be one of {', '.join(MODES)}, got {name!r}")
-    return name
+    return choose(mode, ENV_VAR, MODES, "cpu_half_gemm")
 
 
 @functools.cache

@@ -16,11 +16,12 @@ both forbid): an unmeasured key then takes the Triton kernel. Warm the model up 
 
 from __future__ import annotations
 
-import os
 import statistics
 from typing import Callable
 
 import torch
+
+from .settings import choose
 
 __all__ = ["ENV_VAR", "MODES", "gemm_mode", "MeasuredChoice", "cuda_time"]
 
@@ -30,11 +31,7 @@ MODES = ("auto", "triton", "torch")
 
 def gemm_mode(mode: str | None = None) -> str:
     """``mode``, else ``$ALTCLIP_FAST_GEMM``, validated: ``auto`` (measure per shape), ``triton`` or ``torch``."""
-    name = (os.environ.get(ENV_VAR, "auto") if mode is None else mode).strip().lower()
-    if name not in MODES:
-        where = ENV_VAR if mode is None else "gemm"
-        raise ValueError(f"{where} must be one of {', '.join(MODES)}, got {name!r}")
-    return name
+    return choose(mode, ENV_VAR, MODES, "gemm")
 
 
 def cuda_time(fn: Callable[[], object], reps: int = 5) -> float:

@@ -18,7 +18,9 @@ How a run is kept safe (the single-file mode's rules, per shard; its pieces are 
   finished run.
 - ``DIR/.altclip-fast/plan.json`` records what the run computes (a digest of the listing with each
   file's size and mtime, model, dtypes, normalisation, shard size). ``--resume`` recomputes only the
-  shards without a marker, and refuses if the listing or the settings changed.
+  shards without a marker, and refuses if the listing or the settings changed. The local engine also
+  saves each batch of the shard in progress (``DIR/.altclip-fast/parts/{k}/``), so a resumed run
+  redoes only the batches that were not saved.
 - One run per DIR at a time (a ``flock``); full disks end the run with one line, resumable.
 """
 
@@ -33,6 +35,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,6 +57,7 @@ EMB_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 # Fault injection for the tests: SIGKILL the driver right after that many shards are written.
 _CRASH_AFTER_SHARDS = "_ALTCLIP_FAST_CRASH_AFTER_SHARDS"
+_CRASH_AFTER_BATCHES = "_ALTCLIP_FAST_CRASH_AFTER_BATCHES"  # the local engine's
 
 
 # ---------------------------------------------------------------------------------------------- listing
@@ -446,59 +450,113 @@ def _text_embeddings(session, texts: list[str], batch_size: int, normalize: bool
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def embed_shard_batches(listing: Listing, shard: range, batches_out, session, job) -> tuple[dict, list[int], list[dict]]:
-    """Assemble one shard from its batches' results: (embeddings per kind, kept indices, skipped)."""
+def _saved_batches_dir(layout: Layout, k: int) -> Path:
+    return layout.state / "parts" / str(k)
+
+
+def embed_batch(listing: Listing, result, session, job) -> dict:
+    """One batch's results -> its part of a shard: ``kept`` and ``bad`` input indices, the reasons,
+    and the embeddings of the kept inputs per kind (``img``/``text``), in the stored dtype."""
+    indices, payload, bad, reasons = result
     dtype = EMB_DTYPES[job.emb_dtype]
-    parts, kept, skipped = [], [], []
-    for indices, payload, bad, reasons in batches_out:
-        if payload is not None:
-            parts.append(_embed_mod._embed(session, listing.kind, payload, job.normalize))
-            kept.extend(indices)
-        for i, reason in zip(bad, reasons):
-            skipped.append({"path": skipped_path(listing, i), "key": listing.rows[i].get("key"), "reason": reason})
     dim = session.model.config.projection_dim
     key = "img" if listing.kind == "image" else "text"
-    embeddings = {key: (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)).astype(dtype)}
+    emb = _embed_mod._embed(session, listing.kind, payload, job.normalize) if payload is not None else None
+    part = {"kept": np.asarray(indices, np.int64), "bad": np.asarray(bad, np.int64),
+            "reasons": np.asarray(reasons, dtype=str),
+            key: (emb if emb is not None else np.zeros((0, dim), np.float32)).astype(dtype)}
     if listing.texts is not None:
-        texts = [listing.texts[i] for i in kept]
-        embeddings["text"] = _text_embeddings(session, texts, job.batch_size, job.normalize).astype(dtype)
-    return embeddings, kept, skipped
+        texts = [listing.texts[i] for i in indices]
+        part["text"] = _text_embeddings(session, texts, job.batch_size, job.normalize).astype(dtype)
+    return part
 
 
-def _local_compute(job, listing, layout, schema, shards, pending, session, workers) -> None:
+def _save_batch(layout: Layout, k: int, part: dict) -> None:
+    """A batch's part, kept until its shard is written, so that ``--resume`` after a crash redoes only
+    the batches that were not saved. ``local-`` names: the Ray engine's parts live in the same folder."""
+    covered = np.concatenate([part["kept"], part["bad"]])
+    folder = _saved_batches_dir(layout, k)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"local-{int(covered.min()):012d}-{int(covered.max()):012d}.npz"
+    _write_bytes(final, lambda f: np.savez(f, **part))
+
+
+def _saved_batches(layout: Layout, k: int) -> list[dict]:
+    """The parts of shard ``k`` that an interrupted run saved; an unreadable one is recomputed."""
+    parts = []
+    for path in sorted(_saved_batches_dir(layout, k).glob("local-*.npz")):
+        try:
+            with np.load(path) as z:
+                parts.append({name: z[name] for name in z.files})
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            continue
+    return parts
+
+
+def assemble_shard(listing: Listing, parts: list[dict]) -> tuple[dict, list[int], list[dict]]:
+    """A shard's parts, in any order -> (embeddings per kind, kept indices, skipped), in listing order."""
+    kept = np.concatenate([p["kept"] for p in parts])
+    order = np.argsort(kept, kind="stable")
+    kinds = [name for name in ("img", "text") if name in parts[0]]
+    embeddings = {name: np.concatenate([p[name] for p in parts])[order] for name in kinds}
+    bad = sorted((int(i), str(r)) for p in parts for i, r in zip(p["bad"], p["reasons"]))
+    skipped = [{"path": skipped_path(listing, i), "key": listing.rows[i].get("key"), "reason": r} for i, r in bad]
+    return embeddings, kept[order].tolist(), skipped
+
+
+def _local_compute(job, listing, layout, schema, shards, pending, session, workers) -> int:
+    """Compute the pending shards here; returns how many inputs came from batches saved by an
+    interrupted run."""
     from tqdm import tqdm
 
-    crash_after = int(os.environ.get(_CRASH_AFTER_SHARDS, "0") or 0)
+    crash_after_shards = int(os.environ.get(_CRASH_AFTER_SHARDS, "0") or 0)
+    crash_after_batches = int(os.environ.get(_CRASH_AFTER_BATCHES, "0") or 0)
     bs = job.batch_size
-    per_shard = {k: [list(shards[k][s:s + bs]) for s in range(0, len(shards[k]), bs)] for k in pending}
+    saved = {k: _saved_batches(layout, k) for k in pending}
+    todo = {}
+    for k in pending:
+        covered = {int(i) for p in saved[k] for name in ("kept", "bad") for i in p[name]}
+        todo[k] = [i for i in shards[k] if i not in covered]
+    per_shard = {k: [todo[k][s:s + bs] for s in range(0, len(todo[k]), bs)] for k in pending}
     flat = [b for k in pending for b in per_shard[k]]
     if listing.kind == "image":
         source = image_crops(listing, flat, session, workers)
     else:
         tokenizer = session.processor.tokenizer
         source = ((b, tokenizer([listing.items[i] for i in b]), [], []) for b in flat)
-    bar = tqdm(total=len(listing.items), initial=len(listing.items) - sum(len(shards[k]) for k in pending),
+    reused = sum(len(shards[k]) - len(todo[k]) for k in pending)
+    bar = tqdm(total=len(listing.items), initial=len(listing.items) - sum(len(todo[k]) for k in pending),
                unit=" img" if listing.kind == "image" else " text", disable=not job.progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5)
-    written = 0
+    shards_written = batches_saved = 0
     try:
         for k in pending:
-            results = []
+            parts = saved[k]
             for _ in per_shard[k]:
-                results.append(next(source))
-                bar.update(len(results[-1][0]) + len(results[-1][2]))
-            embeddings, kept, skipped = embed_shard_batches(listing, shards[k], results, session, job)
+                result = next(source)
+                part = embed_batch(listing, result, session, job)
+                _save_batch(layout, k, part)
+                parts.append(part)
+                bar.update(len(result[0]) + len(result[2]))
+                batches_saved += 1
+                if crash_after_batches and batches_saved >= crash_after_batches:  # the tests' kill
+                    os.kill(os.getpid(), signal.SIGKILL)
+            embeddings, kept, skipped = assemble_shard(listing, parts)
             write_shard(layout, k, schema, embeddings, [listing.rows[i] for i in kept], skipped)
+            shutil.rmtree(_saved_batches_dir(layout, k), ignore_errors=True)
             for s in skipped:
                 bar.write(f"altclip-fast: skipped {s['path']}: {s['reason']}", file=sys.stderr)
-            written += 1
-            if crash_after and written >= crash_after:
+            shards_written += 1
+            if crash_after_shards and shards_written >= crash_after_shards:
                 os.kill(os.getpid(), signal.SIGKILL)
+        shutil.rmtree(layout.state / "parts", ignore_errors=True)
     except KeyboardInterrupt:
-        raise _embed_mod.Interrupted(f"{len(shards) - len(pending) + written} of {len(shards)} shards are saved: "
-                                     "rerun the same command with --resume to finish") from None
+        raise _embed_mod.Interrupted(
+            f"{len(shards) - len(pending) + shards_written} of {len(shards)} shards are saved, and the finished "
+            "batches of the next: rerun the same command with --resume to finish") from None
     finally:
         bar.close()
+    return reused
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -576,6 +634,7 @@ def _locked_run(job: CollectionJob, root: Path, open_session) -> int:
     schema = _column_types(listing.rows)
     pending = [k for k in range(len(shards)) if read_marker(layout, k) is None]
     started = time.perf_counter()
+    reused = 0
     if pending:
         if job.engine != "ray":  # Ray's actors load their own copies; the driver never runs the model
             session.model  # loaded before the clock, so that the rate is the embedding rate
@@ -585,12 +644,12 @@ def _locked_run(job: CollectionJob, root: Path, open_session) -> int:
 
             ray_engine.compute(job, listing, layout, schema, shards, pending, session)
         else:
-            _local_compute(job, listing, layout, schema, shards, pending, session, workers)
+            reused = _local_compute(job, listing, layout, schema, shards, pending, session, workers)
     seconds = time.perf_counter() - started
-    return _finish(job, listing, layout, shards, pending, seconds)
+    return _finish(job, listing, layout, shards, pending, seconds, reused)
 
 
-def _finish(job, listing: Listing, layout: Layout, shards, pending, seconds: float) -> int:
+def _finish(job, listing: Listing, layout: Layout, shards, pending, seconds: float, reused: int = 0) -> int:
     markers = [read_marker(layout, k) for k in range(len(shards))]
     missing = [k for k, m in enumerate(markers) if m is None]
     if missing:
@@ -598,10 +657,12 @@ def _finish(job, listing: Listing, layout: Layout, shards, pending, seconds: flo
     skipped = list(listing.skipped) + [s for m in markers for s in m["skipped"]]
     _write_bytes(layout.skipped, _parquet_writer(skipped, _skipped_schema()))
     rows = sum(m["rows"] for m in markers)
-    computed = sum(len(shards[k]) for k in pending)
+    computed = sum(len(shards[k]) for k in pending) - reused
     noun = "images" if listing.kind == "image" else "captions"
     rate = computed / seconds if seconds > 0 else 0.0
+    partly = f" from {reused} inputs of saved batches and {computed} new" if reused else ""
     print(f"embedded {rows} {noun} into {len(shards)} shards in {layout.root} "
-          f"({len(shards) - len(pending)} shards reused, {len(pending)} computed in {seconds:.1f}s, {rate:.1f} {noun}/s); "
+          f"({len(shards) - len(pending)} shards reused, {len(pending)} computed{partly} in {seconds:.1f}s, "
+          f"{rate:.1f} {noun}/s); "
           f"skipped {len(skipped)}" + (f" (listed in {layout.skipped})" if skipped else ""))
     return 0 if rows else 1

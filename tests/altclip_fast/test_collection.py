@@ -122,6 +122,37 @@ def test_resume_after_sigkill_recomputes_only_missing_shards(work, folder_run):
     assert main(*cmd, "--resume", cwd=work) == 0  # complete: nothing to do
 
 
+def test_resume_reuses_the_saved_batches_of_an_unfinished_shard(work):
+    """Killed inside a shard: --resume takes the batches that shard had saved (shown by one that was
+    altered on disk coming through) and computes only the rest; everything else is a fresh run's."""
+    cmd = ["embed", "photos", "--out-dir", "mid", "--shard-size", 3, "--batch-size", 1, *CPU]
+    assert main("embed", "photos", "--out-dir", "mid_fresh", "--shard-size", 3, "--batch-size", 1, *CPU, cwd=work) == 0
+    proc = run_cli(*cmd, cwd=work, env={"_ALTCLIP_FAST_CRASH_AFTER_BATCHES": "5"})
+    assert proc.returncode == -9, proc.stderr
+    out = work / "mid"
+    # shard 0 is written; shard 1 (sub/broken.jpg, sub/img3.png, sub/img4.png) has its first two batches saved
+    assert (out / "img_emb" / "img_emb_0.npy").is_file() and not (out / "img_emb" / "img_emb_1.npy").exists()
+    saved = sorted((out / ".altclip-fast" / "parts" / "1").glob("*.npz"))
+    assert len(saved) == 2
+    with np.load(saved[1]) as z:
+        part = {name: z[name] for name in z.files}
+    assert part["kept"].tolist() == [4]
+    part["img"] = np.full_like(part["img"], 0.125)
+    with open(saved[1], "wb") as f:
+        np.savez(f, **part)
+    proc = run_cli(*cmd, "--resume", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 shards reused, 2 computed from 2 inputs of saved batches and 2 new" in proc.stdout
+    assert not (out / ".altclip-fast" / "parts").exists()
+    got, want = shards(out), shards(work / "mid_fresh")
+    np.testing.assert_array_equal(got[1][0], np.full(got[1].shape[1], 0.125, got[1].dtype))  # the saved batch
+    got[1][0] = want[1][0]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert metadata(out) == metadata(work / "mid_fresh")
+    assert (out / "skipped.parquet").read_bytes() == (work / "mid_fresh" / "skipped.parquet").read_bytes()
+
+
 def test_resume_refuses_a_changed_listing(work, tmp_path):
     photos = tmp_path / "p"
     photos.mkdir()

@@ -10,7 +10,8 @@ shard that puts its parts back into listing order and writes the shard with
 the local engine's. (A ``groupby(shard)`` would do the same through Ray's hash shuffle,
 whose aggregator actors a 2-CPU machine cannot fit next to the model actors.) Actors are restarted
 and their tasks retried when one dies (``max_restarts``/``max_task_retries``); a retried batch
-rewrites its part files, and a shard takes each input once. DIR must be on storage every node sees.
+rewrites its part files, and a shard takes each input once. ``--resume`` after a killed driver keeps
+the part files its actors saved and embeds only the inputs they do not cover. DIR must be on storage every node sees.
 
 ``embed_dataset(ds, model, column=...)`` is the Python API for an existing Ray pipeline.
 """
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import signal
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -277,19 +279,25 @@ def _largest_node_cpus(ray) -> float:
     return max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1.0)
 
 
-def compute(job, listing, layout, schema, shards, pending, session) -> None:
-    import shutil
+def _saved_inputs(root: str, pending: list[int]) -> set[int]:
+    """The inputs of the pending shards whose part files a killed run's actors left: those parts are
+    kept and assembled with the new ones. Unreadable parts, and the local engine's saved batches
+    (``local-*``, another format), are removed, so that their inputs are embedded again."""
+    covered: set[int] = set()
+    for k in pending:
+        for path in sorted(_parts_dir(root, k).glob("*.npz")):
+            try:
+                if path.name.startswith("local-"):
+                    raise ValueError("the local engine's batch")
+                with np.load(path) as part:
+                    covered.update(int(i) for i in part["idx"])
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                path.unlink(missing_ok=True)
+    return covered
 
-    ray = _ensure_ray(job.ray_address)
-    resources = ray.cluster_resources()
-    gpus = job.ray_gpus_per_worker
-    if gpus is None:
-        gpus = 1 if resources.get("GPU", 0) else 0
-    cpus = actor_cpus(resources.get("CPU", 1), _largest_node_cpus(ray), job.ray_workers, gpus, job.ray_cpus_per_worker)
-    root = str(layout.root.resolve())  # Ray's workers do not share the driver's working directory
-    for k in pending:  # parts left by a killed run are recomputed
-        shutil.rmtree(_parts_dir(root, k), ignore_errors=True)
-    records = _records(listing, shards, pending)
+
+def _embed_records(ray, job, listing, session, records: list[dict], root: str, gpus: float, cpus: float) -> None:
+    """Decode and embed ``records`` in Ray Data; the actors save each batch as part files."""
     settings = {"model_dir": str(session.model_dir.resolve()), "dtype": str(session.dtype).removeprefix("torch."),
                 "device": None if gpus else "cpu", "image_size": getattr(session, "image_size", None),
                 "exif_transpose": job.exif_transpose, "fast_decode": job.fast_decode, "threads": max(1, int(cpus))}
@@ -314,8 +322,25 @@ def compute(job, listing, layout, schema, shards, pending, session) -> None:
         batch_size=job.batch_size, batch_format="numpy",
     )
     done = sorted({int(r["shard"]) for r in ds.take_all()})  # counts only: the driver holds no embeddings
-    if done != sorted(pending):
-        raise RuntimeError(f"Ray embedded shards {done}, expected {sorted(pending)}")
+    expected = sorted({int(r["shard"]) for r in records})
+    if done != expected:
+        raise RuntimeError(f"Ray embedded shards {done}, expected {expected}")
+
+
+def compute(job, listing, layout, schema, shards, pending, session) -> None:
+    import shutil
+
+    ray = _ensure_ray(job.ray_address)
+    resources = ray.cluster_resources()
+    gpus = job.ray_gpus_per_worker
+    if gpus is None:
+        gpus = 1 if resources.get("GPU", 0) else 0
+    cpus = actor_cpus(resources.get("CPU", 1), _largest_node_cpus(ray), job.ray_workers, gpus, job.ray_cpus_per_worker)
+    root = str(layout.root.resolve())  # Ray's workers do not share the driver's working directory
+    saved = _saved_inputs(root, pending)  # what a killed run's actors saved is not embedded again
+    records = [r for r in _records(listing, shards, pending) if r["idx"] not in saved]
+    if records:
+        _embed_records(ray, job, listing, session, records, root, gpus, cpus)
     columns = {"img" if listing.kind == "image" else "text": "embedding"}
     if listing.texts is not None:
         columns["text"] = "text_embedding"

@@ -450,6 +450,11 @@ def _text_embeddings(session, texts: list[str], batch_size: int, normalize: bool
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
+def skipped_line(skip: dict) -> str:
+    """How a run reports an input it did not embed (a webdataset sample as ``tar#key``)."""
+    return f"altclip-fast: skipped {skip['path']}{'#' + skip['key'] if skip.get('key') else ''}: {skip['reason']}"
+
+
 def _saved_batches_dir(layout: Layout, k: int) -> Path:
     return layout.state / "parts" / str(k)
 
@@ -545,7 +550,7 @@ def _local_compute(job, listing, layout, schema, shards, pending, session, worke
             write_shard(layout, k, schema, embeddings, [listing.rows[i] for i in kept], skipped)
             shutil.rmtree(_saved_batches_dir(layout, k), ignore_errors=True)
             for s in skipped:
-                bar.write(f"altclip-fast: skipped {s['path']}: {s['reason']}", file=sys.stderr)
+                bar.write(skipped_line(s), file=sys.stderr)
             shards_written += 1
             if crash_after_shards and shards_written >= crash_after_shards:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -630,7 +635,7 @@ def _locked_run(job: CollectionJob, root: Path, open_session) -> int:
         print(f"{root} is already complete; nothing to resume (pass --overwrite to recompute it)")
         return 0
     for s in listing.skipped:
-        print(f"altclip-fast: skipped {s['path']}{'#' + s['key'] if s.get('key') else ''}: {s['reason']}", file=sys.stderr)
+        print(skipped_line(s), file=sys.stderr)
     schema = _column_types(listing.rows)
     pending = [k for k in range(len(shards)) if read_marker(layout, k) is None]
     started = time.perf_counter()

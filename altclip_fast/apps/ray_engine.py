@@ -22,6 +22,7 @@ import json
 import math
 import os
 import signal
+import sys
 import zipfile
 from pathlib import Path
 
@@ -201,9 +202,10 @@ class _ShardEmbedder(Embedder):
 
 
 def _assemble(root: str, width: int, schema, emb_dtype: str, columns: dict[str, str], k: int, start: int,
-              stop: int) -> int:
+              stop: int) -> list[dict]:
     """A Ray task: shard ``k``'s parts -> its files (``collection.write_shard``), in listing order,
     every input of ``[start, stop)`` exactly once (a part rewritten by a retried batch counts once).
+    Returns the shard's skipped inputs.
     ``columns``: each embedding kind the shard writes ("img", "text") -> its part column."""
     import shutil
 
@@ -227,7 +229,7 @@ def _assemble(root: str, width: int, schema, emb_dtype: str, columns: dict[str, 
     rows = [m for m, good in zip(metas, ok) if good]
     marker = write_shard(Layout(Path(root), width), k, schema, embeddings, rows, skipped)
     shutil.rmtree(folder, ignore_errors=True)
-    return marker["rows"]
+    return marker["skipped"]
 
 
 def _records(listing, shards, pending) -> list[dict]:
@@ -330,6 +332,8 @@ def _embed_records(ray, job, listing, session, records: list[dict], root: str, g
 def compute(job, listing, layout, schema, shards, pending, session) -> None:
     import shutil
 
+    from .collection import skipped_line
+
     ray = _ensure_ray(job.ray_address)
     resources = ray.cluster_resources()
     gpus = job.ray_gpus_per_worker
@@ -351,7 +355,8 @@ def compute(job, listing, layout, schema, shards, pending, session) -> None:
     written = 0
     while waiting:
         done_refs, waiting = ray.wait(waiting, num_returns=1)
-        ray.get(done_refs)
+        for skip in ray.get(done_refs[0]):  # reported as the local engine does, a shard at a time
+            print(skipped_line(skip), file=sys.stderr)
         written += 1
         if crash_after and written >= crash_after:  # the driver-kill fault of the tests
             os.kill(os.getpid(), signal.SIGKILL)

@@ -109,12 +109,14 @@ def test_ray_driver_killed_mid_run_is_finished_by_resume(work, local_ray, local_
     assert not list(out.rglob("*.tmp")) and not (out / ".altclip-fast" / "parts").exists()
 
 
-def test_ray_engine_on_webdataset_with_text(work, local_ray, monkeypatch):  # noqa: F811
+def test_ray_engine_on_webdataset_with_text(work, local_ray, monkeypatch, capsys):  # noqa: F811
     # A corrupt member (s1), a sample without an image (s3) and a truncated tar (00002), in shards of
     # two that cross tars.
     pytest.importorskip("webdataset")
     cmd = ["embed", "wds/{00000..00002}.tar", "--with-text", "--shard-size", 2, "--batch-size", 2, *CPU]
     assert main(*cmd, "--out-dir", "wds_local", cwd=work) == 0
+    local_skips = sorted(line for line in capsys.readouterr().err.splitlines() if "altclip-fast: skipped" in line)
+    assert len(local_skips) == 3
 
     def on_the_driver(*args):
         raise AssertionError("the driver read tar members")
@@ -122,6 +124,8 @@ def test_ray_engine_on_webdataset_with_text(work, local_ray, monkeypatch):  # no
     monkeypatch.setattr("altclip_fast.apps.collection.tar_images", on_the_driver)  # Ray's workers do not see this
     assert main(*cmd, "--out-dir", "wds_ray", "--engine", "ray", cwd=work) == 0
     _same(work / "wds_ray", work / "wds_local")
+    ray_skips = sorted(line for line in capsys.readouterr().err.splitlines() if "altclip-fast: skipped" in line)
+    assert ray_skips == local_skips  # the same lines on the console too, tar#key each
     import pyarrow.parquet as pq
 
     reasons = [r["reason"] for r in pq.read_table(work / "wds_ray" / "skipped.parquet").to_pylist()]

@@ -44,6 +44,20 @@ def main(*args, cwd: Path) -> int:
         os.chdir(old)
 
 
+def interrupt_embedding_at(monkeypatch, call: int):
+    """Ctrl-C during the ``call``-th model call from now on. Returns the real ``embed._embed``, to put back."""
+    real, calls = embed._embed, []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embed, "_embed", interrupting)
+    return real
+
+
 def error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines and lines[-1].startswith("altclip-fast: error: "), lines
@@ -148,15 +162,7 @@ def test_ctrl_c_says_interrupted_once_and_overwrite_resume_keeps_the_batches(wor
     first = np.load(target)
     capsys.readouterr()
 
-    real_embed, calls = embed._embed, []
-
-    def interrupt_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_embed(*args, **kwargs)
-
-    monkeypatch.setattr(embed, "_embed", interrupt_on_second)
+    real_embed = interrupt_embedding_at(monkeypatch, 2)
     assert main(*cmd, "--overwrite", "--normalize", cwd=work) == 130
     err = capsys.readouterr().err
     assert err.count("interrupted") == 1, err
@@ -312,15 +318,7 @@ def test_a_read_only_output_folder_is_refused(work, tmp_path, capsys):
 def test_resume_is_keyed_on_resolved_paths_and_redoes_changed_files(work, tmp_path, monkeypatch, capsys):
     target = tmp_path / "p.npy"
     common = ["--out", target, "--model", work / "model", "--batch-size", 2, *CPU_FP32]
-    real_embed, calls = embed._embed, []
-
-    def interrupt_on_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_embed(*args, **kwargs)
-
-    monkeypatch.setattr(embed, "_embed", interrupt_on_third)
+    real_embed = interrupt_embedding_at(monkeypatch, 3)
     assert main("embed", "photos", *common, cwd=work) == 130  # batches 0 and 1 saved
     monkeypatch.setattr(embed, "_embed", real_embed)
     capsys.readouterr()
@@ -339,8 +337,7 @@ def test_resume_is_keyed_on_resolved_paths_and_redoes_changed_files(work, tmp_pa
 
     # Other inputs: a sentence that says what differs, not a digest.
     assert main("embed", "photos", *common, "--overwrite", cwd=work) == 0
-    monkeypatch.setattr(embed, "_embed", interrupt_on_third)
-    calls.clear()
+    interrupt_embedding_at(monkeypatch, 3)
     assert main("embed", "photos", *common, "--overwrite", cwd=work) == 130
     monkeypatch.setattr(embed, "_embed", real_embed)
     capsys.readouterr()

@@ -288,13 +288,14 @@ def _saved_inputs(root: str, pending: list[int]) -> set[int]:
     covered: set[int] = set()
     for k in pending:
         for path in sorted(_parts_dir(root, k).glob("*.npz")):
-            try:
-                if path.name.startswith("local-"):
-                    raise ValueError("the local engine's batch")
-                with np.load(path) as part:
-                    covered.update(int(i) for i in part["idx"])
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                path.unlink(missing_ok=True)
+            if not path.name.startswith("local-"):
+                try:
+                    with np.load(path) as part:
+                        covered.update(int(i) for i in part["idx"])
+                    continue
+                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                    pass
+            path.unlink(missing_ok=True)
     return covered
 
 

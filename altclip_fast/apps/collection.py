@@ -455,58 +455,88 @@ def skipped_line(skip: dict) -> str:
     return f"altclip-fast: skipped {skip['path']}{'#' + skip['key'] if skip.get('key') else ''}: {skip['reason']}"
 
 
-def _saved_batches_dir(layout: Layout, k: int) -> Path:
-    return layout.state / "parts" / str(k)
+# A batch's part of a shard, saved until the shard is written (both engines, one format), so that
+# ``--resume`` redoes only the batches that were not saved: ``DIR/.altclip-fast/parts/{k}/{first}-{last}.npz``
+# holding, per input of the batch, ``idx``, ``ok``, ``reason``, ``meta`` (its metadata row as JSON),
+# ``skip_path`` (how skipped.parquet names it), and ``embedding`` (and ``text_embedding`` with
+# --with-text) in float32, zeros where not ``ok``.
+PART_EMBEDDINGS = {"embedding": None, "text_embedding": "text"}  # part column -> kind ("img"/"text" for embedding)
+
+
+def parts_dir(root: Path | str, k: int) -> Path:
+    return Path(root) / STATE / "parts" / str(k)
+
+
+def save_part(root: Path | str, k: int, part: dict) -> None:
+    """One batch's slice of shard ``k``: a temporary name, then a rename (a retried batch rewrites it)."""
+    folder = parts_dir(root, k)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{int(part['idx'].min()):012d}-{int(part['idx'].max()):012d}.npz"
+    tmp = folder / f".{final.name}.{os.getpid()}.tmp"  # a retried Ray batch may write it from another process
+    with _Writing(final, tmp, RESUME_HINT) as f:
+        np.savez(f, **part)
+    _replace(tmp, final, RESUME_HINT)
+
+
+def saved_inputs(root: Path | str, pending: list[int]) -> set[int]:
+    """The inputs of the pending shards whose parts an interrupted run saved: those parts are kept and
+    assembled with the new ones. Unreadable parts are removed, so that their inputs are embedded again."""
+    covered: set[int] = set()
+    for k in pending:
+        for path in sorted(parts_dir(root, k).glob("*.npz")):
+            try:
+                with np.load(path) as part:
+                    covered.update(int(i) for i in part["idx"])
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                path.unlink(missing_ok=True)
+    return covered
+
+
+def assemble_shard(layout: Layout, k: int, schema, emb_dtype: str, kind: str, shard: range) -> dict:
+    """Shard ``k``'s parts -> its files (``write_shard``), in listing order, every input of ``shard``
+    exactly once (a part rewritten by a retried batch counts once); returns the shard's marker.
+    ``kind``: "img" or "text", what the parts' ``embedding`` column holds."""
+    folder = parts_dir(layout.root, k)
+    parts = [np.load(p) for p in sorted(folder.glob("*.npz"))]
+    idx = np.concatenate([p["idx"] for p in parts]) if parts else np.zeros(0, np.int64)
+    _, first = np.unique(idx, return_index=True)  # sorted by input index, duplicates dropped
+    if not np.array_equal(idx[first], np.arange(shard.start, shard.stop)):
+        missing = sorted(set(shard) - set(idx.tolist()))
+        raise RuntimeError(f"shard {k}: the parts miss inputs {missing[:5]}")
+
+    def column(name):
+        return np.concatenate([p[name] for p in parts])[first]
+
+    ok, reasons, metas = column("ok"), column("reason"), [json.loads(m) for m in column("meta")]
+    embeddings = {PART_EMBEDDINGS[name] or kind: column(name)[ok].astype(EMB_DTYPES[emb_dtype])
+                  for name in PART_EMBEDDINGS if name in parts[0]}
+    skipped = [{"path": str(p), "key": m.get("key"), "reason": str(r)}
+               for m, p, good, r in zip(metas, column("skip_path"), ok, reasons) if not good]
+    rows = [m for m, good in zip(metas, ok) if good]
+    marker = write_shard(layout, k, schema, embeddings, rows, skipped)
+    shutil.rmtree(folder, ignore_errors=True)
+    return marker
 
 
 def embed_batch(listing: Listing, result, session, job) -> dict:
-    """One batch's results -> its part of a shard: ``kept`` and ``bad`` input indices, the reasons,
-    and the embeddings of the kept inputs per kind (``img``/``text``), in the stored dtype."""
+    """One batch's results -> its part (the format above), inputs in listing order."""
     indices, payload, bad, reasons = result
-    dtype = EMB_DTYPES[job.emb_dtype]
     dim = session.model.config.projection_dim
-    key = "img" if listing.kind == "image" else "text"
     emb = _embed_mod._embed(session, listing.kind, payload, job.normalize) if payload is not None else None
-    part = {"kept": np.asarray(indices, np.int64), "bad": np.asarray(bad, np.int64),
-            "reasons": np.asarray(reasons, dtype=str),
-            key: (emb if emb is not None else np.zeros((0, dim), np.float32)).astype(dtype)}
+    why = dict(zip(bad, reasons))
+    idx = sorted([*indices, *bad])
+    ok = np.asarray([i not in why for i in idx])
+    embedding = np.zeros((len(idx), dim), np.float32)
+    if emb is not None:
+        embedding[ok] = emb
+    part = {"idx": np.asarray(idx, np.int64), "ok": ok, "reason": np.asarray([why.get(i, "") for i in idx], dtype=str),
+            "meta": np.asarray([json.dumps(listing.rows[i], ensure_ascii=False) for i in idx], dtype=str),
+            "skip_path": np.asarray([skipped_path(listing, i) for i in idx], dtype=str), "embedding": embedding}
     if listing.texts is not None:
-        texts = [listing.texts[i] for i in indices]
-        part["text"] = _text_embeddings(session, texts, job.batch_size, job.normalize).astype(dtype)
+        text = np.zeros((len(idx), dim), np.float32)
+        text[ok] = _text_embeddings(session, [listing.texts[i] for i in indices], job.batch_size, job.normalize)
+        part["text_embedding"] = text
     return part
-
-
-def _save_batch(layout: Layout, k: int, part: dict) -> None:
-    """A batch's part, kept until its shard is written, so that ``--resume`` after a crash redoes only
-    the batches that were not saved. ``local-`` names: the Ray engine's parts live in the same folder."""
-    covered = np.concatenate([part["kept"], part["bad"]])
-    folder = _saved_batches_dir(layout, k)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"local-{int(covered.min()):012d}-{int(covered.max()):012d}.npz"
-    _write_bytes(final, lambda f: np.savez(f, **part))
-
-
-def _saved_batches(layout: Layout, k: int) -> list[dict]:
-    """The parts of shard ``k`` that an interrupted run saved; an unreadable one is recomputed."""
-    parts = []
-    for path in sorted(_saved_batches_dir(layout, k).glob("local-*.npz")):
-        try:
-            with np.load(path) as z:
-                parts.append({name: z[name] for name in z.files})
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-            continue
-    return parts
-
-
-def assemble_shard(listing: Listing, parts: list[dict]) -> tuple[dict, list[int], list[dict]]:
-    """A shard's parts, in any order -> (embeddings per kind, kept indices, skipped), in listing order."""
-    kept = np.concatenate([p["kept"] for p in parts])
-    order = np.argsort(kept, kind="stable")
-    kinds = [name for name in ("img", "text") if name in parts[0]]
-    embeddings = {name: np.concatenate([p[name] for p in parts])[order] for name in kinds}
-    bad = sorted((int(i), str(r)) for p in parts for i, r in zip(p["bad"], p["reasons"]))
-    skipped = [{"path": skipped_path(listing, i), "key": listing.rows[i].get("key"), "reason": r} for i, r in bad]
-    return embeddings, kept[order].tolist(), skipped
 
 
 def _local_compute(job, listing, layout, schema, shards, pending, session, workers) -> int:
@@ -517,11 +547,8 @@ def _local_compute(job, listing, layout, schema, shards, pending, session, worke
     crash_after_shards = int(os.environ.get(_CRASH_AFTER_SHARDS, "0") or 0)
     crash_after_batches = int(os.environ.get(_CRASH_AFTER_BATCHES, "0") or 0)
     bs = job.batch_size
-    saved = {k: _saved_batches(layout, k) for k in pending}
-    todo = {}
-    for k in pending:
-        covered = {int(i) for p in saved[k] for name in ("kept", "bad") for i in p[name]}
-        todo[k] = [i for i in shards[k] if i not in covered]
+    saved = saved_inputs(layout.root, pending)
+    todo = {k: [i for i in shards[k] if i not in saved] for k in pending}
     per_shard = {k: [todo[k][s:s + bs] for s in range(0, len(todo[k]), bs)] for k in pending}
     flat = [b for k in pending for b in per_shard[k]]
     if listing.kind == "image":
@@ -536,20 +563,16 @@ def _local_compute(job, listing, layout, schema, shards, pending, session, worke
     shards_written = batches_saved = 0
     try:
         for k in pending:
-            parts = saved[k]
             for _ in per_shard[k]:
                 result = next(source)
-                part = embed_batch(listing, result, session, job)
-                _save_batch(layout, k, part)
-                parts.append(part)
+                save_part(layout.root, k, embed_batch(listing, result, session, job))
                 bar.update(len(result[0]) + len(result[2]))
                 batches_saved += 1
                 if crash_after_batches and batches_saved >= crash_after_batches:  # the tests' kill
                     os.kill(os.getpid(), signal.SIGKILL)
-            embeddings, kept, skipped = assemble_shard(listing, parts)
-            write_shard(layout, k, schema, embeddings, [listing.rows[i] for i in kept], skipped)
-            shutil.rmtree(_saved_batches_dir(layout, k), ignore_errors=True)
-            for s in skipped:
+            marker = assemble_shard(layout, k, schema, job.emb_dtype, "img" if listing.kind == "image" else "text",
+                                    shards[k])
+            for s in marker["skipped"]:
                 bar.write(skipped_line(s), file=sys.stderr)
             shards_written += 1
             if crash_after_shards and shards_written >= crash_after_shards:

@@ -4,14 +4,15 @@ Pipeline: the pending shards' inputs (listed by the driver, which keys ``--resum
 decoding and resizing as CPU tasks (for webdataset, one task per tar, which reads the wanted
 members and decodes them) -> the model in an actor pool (``map_batches`` with a callable class,
 ``--ray-workers`` actors; with ``--with-text`` it embeds each sample's caption too), each batch
-saved by its actor as per-shard part files under ``DIR/.altclip-fast/parts/`` -> one Ray task per
-shard that puts its parts back into listing order and writes the shard with
-``collection.write_shard``. So the driver never holds image bytes or embeddings, and the files are
+saved by its actor as per-shard part files (``collection.save_part``, the local engine's format) ->
+one Ray task per shard that puts its parts back into listing order and writes the shard
+(``collection.assemble_shard``). So the driver never holds image bytes or embeddings, and the files are
 the local engine's. (A ``groupby(shard)`` would do the same through Ray's hash shuffle,
 whose aggregator actors a 2-CPU machine cannot fit next to the model actors.) Actors are restarted
 and their tasks retried when one dies (``max_restarts``/``max_task_retries``); a retried batch
 rewrites its part files, and a shard takes each input once. ``--resume`` after a killed driver keeps
-the part files its actors saved and embeds only the inputs they do not cover. DIR must be on storage every node sees.
+the part files saved so far (by either engine) and embeds only the inputs they do not cover. DIR must
+be on storage every node sees.
 
 ``embed_dataset(ds, model, column=...)`` is the Python API for an existing Ray pipeline.
 """
@@ -23,7 +24,6 @@ import math
 import os
 import signal
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -161,10 +161,6 @@ def _tar_reader(decode, batch_size: int):
     return read
 
 
-def _parts_dir(root: str, k: int) -> Path:
-    return Path(root) / ".altclip-fast" / "parts" / str(k)
-
-
 class _ShardEmbedder(Embedder):
     """The engine's actor: embeds a batch, then saves each shard's slice of it as a part file
     (temporary name, then a rename) under ``DIR/.altclip-fast/parts/{shard}/``, and returns only
@@ -176,6 +172,8 @@ class _ShardEmbedder(Embedder):
         self.root = root
 
     def __call__(self, batch: dict) -> dict:
+        from .collection import save_part
+
         batch = super().__call__(batch)
         shards = np.asarray(batch["shard"])
         idx = np.asarray(batch["idx"])
@@ -189,47 +187,17 @@ class _ShardEmbedder(Embedder):
             sel = shards == k
             part = {"idx": idx[sel], "ok": ok[sel], "reason": reasons[sel], "meta": metas[sel], "skip_path": where[sel],
                     **{name: np.asarray(batch[name])[sel] for name in embeddings}}
-            folder = _parts_dir(self.root, int(k))
-            folder.mkdir(parents=True, exist_ok=True)
-            final = folder / f"{int(part['idx'].min()):012d}-{int(part['idx'].max()):012d}.npz"
-            tmp = folder / f".{final.name}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                np.savez(f, **part)
-            os.replace(tmp, final)
+            save_part(self.root, int(k), part)
             counts.append((int(k), int(sel.sum())))
         return {"shard": np.asarray([c[0] for c in counts], dtype=np.int64),
                 "rows": np.asarray([c[1] for c in counts], dtype=np.int64)}
 
 
-def _assemble(root: str, width: int, schema, emb_dtype: str, columns: dict[str, str], k: int, start: int,
-              stop: int) -> list[dict]:
-    """A Ray task: shard ``k``'s parts -> its files (``collection.write_shard``), in listing order,
-    every input of ``[start, stop)`` exactly once (a part rewritten by a retried batch counts once).
-    Returns the shard's skipped inputs.
-    ``columns``: each embedding kind the shard writes ("img", "text") -> its part column."""
-    import shutil
+def _assemble(root: str, width: int, schema, emb_dtype: str, kind: str, k: int, start: int, stop: int) -> list[dict]:
+    """A Ray task: shard ``k``'s parts -> its files (``collection.assemble_shard``); returns its skipped inputs."""
+    from .collection import Layout, assemble_shard
 
-    from .collection import EMB_DTYPES, Layout, write_shard
-
-    folder = _parts_dir(root, k)
-    parts = [np.load(p) for p in sorted(folder.glob("*.npz"))]
-    idx = np.concatenate([p["idx"] for p in parts]) if parts else np.zeros(0, np.int64)
-    _, first = np.unique(idx, return_index=True)  # sorted by input index, duplicates dropped
-    if not np.array_equal(idx[first], np.arange(start, stop)):
-        missing = sorted(set(range(start, stop)) - set(idx.tolist()))
-        raise RuntimeError(f"shard {k}: the parts miss inputs {missing[:5]}")
-
-    def column(name):
-        return np.concatenate([p[name] for p in parts])[first]
-
-    ok, reasons, metas = column("ok"), column("reason"), [json.loads(m) for m in column("meta")]
-    embeddings = {kind: column(name)[ok].astype(EMB_DTYPES[emb_dtype]) for kind, name in columns.items()}
-    skipped = [{"path": str(p), "key": m.get("key"), "reason": str(r)}
-               for m, p, good, r in zip(metas, column("skip_path"), ok, reasons) if not good]
-    rows = [m for m, good in zip(metas, ok) if good]
-    marker = write_shard(Layout(Path(root), width), k, schema, embeddings, rows, skipped)
-    shutil.rmtree(folder, ignore_errors=True)
-    return marker["skipped"]
+    return assemble_shard(Layout(Path(root), width), k, schema, emb_dtype, kind, range(start, stop))["skipped"]
 
 
 def _records(listing, shards, pending) -> list[dict]:
@@ -281,24 +249,6 @@ def _largest_node_cpus(ray) -> float:
     return max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1.0)
 
 
-def _saved_inputs(root: str, pending: list[int]) -> set[int]:
-    """The inputs of the pending shards whose part files a killed run's actors left: those parts are
-    kept and assembled with the new ones. Unreadable parts, and the local engine's saved batches
-    (``local-*``, another format), are removed, so that their inputs are embedded again."""
-    covered: set[int] = set()
-    for k in pending:
-        for path in sorted(_parts_dir(root, k).glob("*.npz")):
-            if not path.name.startswith("local-"):
-                try:
-                    with np.load(path) as part:
-                        covered.update(int(i) for i in part["idx"])
-                    continue
-                except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                    pass
-            path.unlink(missing_ok=True)
-    return covered
-
-
 def _embed_records(ray, job, listing, session, records: list[dict], root: str, gpus: float, cpus: float) -> None:
     """Decode and embed ``records`` in Ray Data; the actors save each batch as part files."""
     settings = {"model_dir": str(session.model_dir.resolve()), "dtype": str(session.dtype).removeprefix("torch."),
@@ -333,7 +283,7 @@ def _embed_records(ray, job, listing, session, records: list[dict], root: str, g
 def compute(job, listing, layout, schema, shards, pending, session) -> None:
     import shutil
 
-    from .collection import skipped_line
+    from .collection import saved_inputs, skipped_line
 
     ray = _ensure_ray(job.ray_address)
     resources = ray.cluster_resources()
@@ -342,16 +292,14 @@ def compute(job, listing, layout, schema, shards, pending, session) -> None:
         gpus = 1 if resources.get("GPU", 0) else 0
     cpus = actor_cpus(resources.get("CPU", 1), _largest_node_cpus(ray), job.ray_workers, gpus, job.ray_cpus_per_worker)
     root = str(layout.root.resolve())  # Ray's workers do not share the driver's working directory
-    saved = _saved_inputs(root, pending)  # what a killed run's actors saved is not embedded again
+    saved = saved_inputs(root, pending)  # what a killed run saved is not embedded again
     records = [r for r in _records(listing, shards, pending) if r["idx"] not in saved]
     if records:
         _embed_records(ray, job, listing, session, records, root, gpus, cpus)
-    columns = {"img" if listing.kind == "image" else "text": "embedding"}
-    if listing.texts is not None:
-        columns["text"] = "text_embedding"
+    kind = "img" if listing.kind == "image" else "text"
     assemble = ray.remote(num_cpus=min(1.0, resources.get("CPU", 1)), max_retries=3)(_assemble)
-    waiting = [assemble.remote(root, layout.width, schema, job.emb_dtype, columns, k, shards[k].start,
-                               shards[k].stop) for k in pending]
+    waiting = [assemble.remote(root, layout.width, schema, job.emb_dtype, kind, k, shards[k].start, shards[k].stop)
+               for k in pending]
     crash_after = int(os.environ.get(_CRASH_AFTER_SHARDS, "0") or 0)
     written = 0
     while waiting:

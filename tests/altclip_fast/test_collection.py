@@ -136,8 +136,8 @@ def test_resume_reuses_the_saved_batches_of_an_unfinished_shard(work):
     assert len(saved) == 2
     with np.load(saved[1]) as z:
         part = {name: z[name] for name in z.files}
-    assert part["kept"].tolist() == [4]
-    part["img"] = np.full_like(part["img"], 0.125)
+    assert part["idx"].tolist() == [4] and part["ok"].tolist() == [True]
+    part["embedding"] = np.full_like(part["embedding"], 0.125)
     with open(saved[1], "wb") as f:
         np.savez(f, **part)
     proc = run_cli(*cmd, "--resume", cwd=work)

@@ -7,24 +7,15 @@ Layers, each depending only on those below it::
     modeling        config, checkpoint, weights, layers, model, outputs
     preprocessing   tokenizer, image processor, processor
     ops             the ops interface; torch and Triton backends; layouts
-    kernels         Triton kernels (the repository's kernels/ folder)
+    kernels         Triton kernels: pure functions on tensors, no AltCLIP knowledge
 
-``reference`` (the repository's reference/ folder) is the plain PyTorch oracle the tests compare
-against; nothing on the library's runtime path imports it.
+``reference`` is the plain PyTorch oracle the tests compare against; nothing on the library's runtime
+path imports it.
 
 Public names are imported on first use, so ``import altclip_fast`` pulls in neither torch nor Triton.
 """
 
 from importlib import import_module
-from pathlib import Path
-
-# In a source checkout run without installing (``PYTHONPATH=.``), kernels/ and reference/ sit beside
-# this package rather than inside it, where the wheel puts them: let them import under the same names.
-_checkout = Path(__file__).resolve().parent.parent
-if not (Path(__file__).parent / "kernels").is_dir() and (_checkout / "pyproject.toml").is_file() and all(
-    (_checkout / name / "__init__.py").is_file() for name in ("kernels", "reference")
-):
-    __path__.append(str(_checkout))
 
 __version__ = "0.1.0"
 

@@ -17,9 +17,7 @@ import altclip_fast
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Installed module name -> source folder.
-PACKAGES = {"altclip_fast": ROOT / "altclip_fast", "altclip_fast.kernels": ROOT / "kernels",
-            "altclip_fast.reference": ROOT / "reference"}
+PACKAGE = ROOT / "altclip_fast"
 
 # What each layer may import from this project (besides itself). Shared leaves (errors, dtypes,
 # model_files) sit below everything in altclip_fast.
@@ -40,14 +38,9 @@ ALLOWED = {
 
 
 def _modules():
-    for package, folder in PACKAGES.items():
-        for path in sorted(folder.rglob("*.py")):
-            parts = path.relative_to(folder).with_suffix("").parts
-            if package == "altclip_fast" and parts and parts[0] in ("kernels", "reference"):
-                continue
-            name = ".".join((package, *parts))
-            is_package = path.name == "__init__.py"
-            yield name.removesuffix(".__init__"), path, is_package
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(("altclip_fast", *path.relative_to(PACKAGE).with_suffix("").parts))
+        yield name.removesuffix(".__init__"), path, path.name == "__init__.py"
 
 
 def _imports(name: str, path: Path, is_package: bool) -> set[str]:

@@ -1,8 +1,8 @@
-"""What the distribution installs: only import names this project owns.
+"""What the distribution installs: only import names this project owns, laid out as in the repository.
 
-``kernels`` and ``reference`` are other projects' names on PyPI (Hugging Face's ``kernels`` installs a
-top-level ``kernels`` package), so the repository's kernels/ and reference/ folders install inside
-``altclip_fast``.
+``kernels`` and ``reference`` are other projects' names on PyPI (Hugging Face's ``kernels``, which
+transformers requires, installs a top-level ``kernels`` package), so ours live at
+``altclip_fast/kernels`` and ``altclip_fast/reference``, in the checkout as in the wheel.
 """
 
 from __future__ import annotations
@@ -28,19 +28,20 @@ def test_every_installed_package_is_under_altclip_fast():
     assert packages and all(p == "altclip_fast" or p.startswith("altclip_fast.") for p in packages), packages
 
 
-def test_package_dirs_point_at_the_repository_folders():
-    package_dir = _setuptools_table()["package-dir"]
-    assert package_dir == {"altclip_fast.kernels": "kernels", "altclip_fast.reference": "reference"}
-    for folder in package_dir.values():
-        assert (ROOT / folder / "__init__.py").is_file()
+def test_the_repository_layout_is_the_installed_layout():
+    """No package-dir mapping: each package installs from the folder its dotted name spells, so a
+    checkout on sys.path imports exactly what the wheel installs, and nothing under another name."""
+    table = _setuptools_table()
+    assert "package-dir" not in table, table.get("package-dir")
+    for package in table["packages"]:
+        assert (ROOT / package.replace(".", "/") / "__init__.py").is_file(), package
 
 
 def test_every_subpackage_is_listed():
     """A subpackage missing from the list would be left out of the wheel (and work only in a checkout)."""
     listed = set(_setuptools_table()["packages"])
-    found = {"altclip_fast." + ".".join(p.parent.relative_to(ROOT / "altclip_fast").parts)
-             for p in (ROOT / "altclip_fast").glob("*/__init__.py")}
-    assert found <= listed, sorted(found - listed)
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "altclip_fast").rglob("__init__.py")}
+    assert found == listed, (sorted(found - listed), sorted(listed - found))
 
 
 def test_installed_top_level_names():
@@ -54,10 +55,8 @@ def test_installed_top_level_names():
 
 
 def test_kernels_and_reference_import_under_altclip_fast_only(tmp_path):
-    """As installed, outside the checkout: our folders answer only to altclip_fast.* names. (Inside a
-    checkout the repository root is on sys.path, and a library that probes for Hugging Face's
-    ``kernels``, as transformers does, finds the folder kernels/ instead: one more reason the wheel
-    must not install it under that name.)"""
+    """As installed, outside the checkout: our kernels and reference answer only to altclip_fast.* names.
+    (tests/test_checkout_imports.py checks the same from inside the checkout.)"""
     try:
         importlib.metadata.distribution("altclip-fast")
     except importlib.metadata.PackageNotFoundError:

@@ -62,7 +62,7 @@ with open(sys.argv[1], "w") as f:
 
 
 # Correctness needs a working config, not the fastest: one config per autotune key keeps a cold
-# machine from compiling and timing every candidate for every test shape (kernels/_runtime.py).
+# machine from compiling and timing every candidate for every test shape (altclip_fast/kernels/_runtime.py).
 ONE_CONFIG = {"ALTCLIP_FAST_AUTOTUNE_LIMIT": "1"}
 
 

@@ -6,6 +6,8 @@
   ``check_same_mode`` catches a module imported under the other one.
 - ``check_device``: compiled kernels take CUDA tensors, interpreted ones CPU tensors too.
 - ``SMEM_BUDGET``: the shared memory per block that autotune pruning allows for.
+- ``capability``: a CUDA device's compute capability as one number (80, 90), which picks the
+  autotune config lists: what fits in registers differs between architectures.
 - ``tuned_configs``: an autotuner's config list, cut to ``$ALTCLIP_FAST_AUTOTUNE_LIMIT`` entries
   when that is set. On a cold machine every new autotune key compiles and times every config; a
   correctness run does not need the fastest tile, and one config per key turns minutes into seconds.
@@ -19,7 +21,8 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-__all__ = ["AUTOTUNE_LIMIT_VAR", "INTERPRETED", "SMEM_BUDGET", "check_device", "check_same_mode", "tuned_configs"]
+__all__ = ["AUTOTUNE_LIMIT_VAR", "INTERPRETED", "SMEM_BUDGET", "capability", "check_device", "check_same_mode",
+           "tuned_configs"]
 
 
 @triton.jit
@@ -34,6 +37,12 @@ INTERPRETED = not isinstance(_probe, JITFunction)
 # scratch. The AOT tests (tests/kernels/*_aot.py) check every kept config against the compiler's
 # own figure on both targets.
 SMEM_BUDGET = 160 * 1024
+
+
+def capability(device: torch.device) -> int:
+    """``major * 10 + minor`` of a CUDA device (90 on H100/H200, 80 on A100)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def check_same_mode(kernel) -> None:

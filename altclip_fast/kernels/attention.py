@@ -201,27 +201,45 @@ def _smem_bytes(bm: int, bn: int, stages: int, block_d: int, elem_bytes: int) ->
     return (2 * stages * bn + bm) * block_d * elem_bytes
 
 
-def _keep(config: triton.Config, block_d: int, elem_bytes: int) -> bool:
+# 16-bit configs at the register ceiling or past it in some AltCLIP launch (ptxas, Triton 3.9, at head_dim 64:
+# tests/kernels/test_compile_facts.py). The masked variant (the text tower's pooled-only last layer) is the
+# heaviest: 128 x 128 spills 104-132 bytes there on both architectures, and on sm_80 (mma.sync holds operand
+# fragments in registers) 64 x 64 on 4 warps spills 4-8 bytes and 128 x 32 on 4 warps uses 253 of 255.
+# (BLOCK_M, BLOCK_N, warps) per architecture.
+_AT_REGISTER_CEILING = {80: {(128, 128, 8), (64, 64, 4), (128, 32, 4)}, 90: {(128, 128, 8)}}
+CAPABILITIES = tuple(_AT_REGISTER_CEILING)
+
+
+def _arch(capability: int) -> int:
+    """The config family of a compute capability: Hopper and newer tune as sm_90, the rest as sm_80."""
+    return 90 if capability >= 90 else 80
+
+
+def _keep(config: triton.Config, block_d: int, elem_bytes: int, arch: int) -> bool:
     """Whether an autotune candidate is worth compiling and benchmarking for this tile class.
 
     Every candidate costs a compile and a benchmark on each new autotune key, so the list stays short.
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     warps, stages = config.num_warps, config.num_stages
+    # fp32 with IEEE products lowers tl.dot to FMA loops whose operands live in registers: on 4 warps even
+    # the 64 x 32 tile spills 0.6-1.5 KiB (head_dim 64); on 8 warps it fits (about 210 registers). fp32 is
+    # the exactness path, not the fast one, so it gets that one tile and no tuning.
+    if elem_bytes == 4:
+        return (bm, bn, warps) == (64, 32, 8) and _deepest_pipeline(bm, bn, stages, block_d, elem_bytes)
     # An MMA tile gives each warp 16 query rows; more warps than BLOCK_M / 16 would sit idle.
     if warps * 16 > bm or bn > bm:
         return False
-    # fp32 with IEEE products lowers tl.dot to FMA loops whose operands live in registers. AOT builds spill
-    # 0.4-0.5 KiB at 64 x 32 (head_dim 64) and 7-11 KiB at 64 x 64, so fp32 (the exactness path, not the
-    # fast one) gets the one smallest tile and no tuning.
-    if elem_bytes == 4 and (bm, bn) != (64, 32):
-        return False
-    # Per-thread fp32 live state, accumulator (BM x D) plus score tile (BM x BN). In AOT builds of the masked
-    # kernel nothing spills up to 80 floats; at 96 ptxas spills 8-136 bytes. Those big tiles stay in the
-    # list because more reuse per loaded K/V tile can outweigh a small spill; the autotuner measures which.
+    # Per-thread fp32 live state, accumulator (BM x D) plus score tile (BM x BN): past 96 floats ptxas spills.
     if (bm * block_d + bm * bn) // (32 * warps) > 96:
         return False
-    # The pipeline depth is not tuned: take the deepest that fits, since a deeper one only costs smem.
+    if (bm, bn, warps) in _AT_REGISTER_CEILING[arch]:
+        return False
+    return _deepest_pipeline(bm, bn, stages, block_d, elem_bytes)
+
+
+def _deepest_pipeline(bm: int, bn: int, stages: int, block_d: int, elem_bytes: int) -> bool:
+    """The pipeline depth is not tuned: take the deepest that fits, since a deeper one only costs smem."""
     if _smem_bytes(bm, bn, stages, block_d, elem_bytes) > _runtime.SMEM_BUDGET:
         return False
     return stages == _MAX_STAGES or _smem_bytes(bm, bn, stages + 1, block_d, elem_bytes) > _runtime.SMEM_BUDGET
@@ -236,21 +254,22 @@ _ALL_CONFIGS = [
 ]
 
 
-def _class_configs(block_d: int, elem_bytes: int) -> list[triton.Config]:
-    return [c for c in _ALL_CONFIGS if _keep(c, block_d, elem_bytes)]
+def _class_configs(block_d: int, elem_bytes: int, arch: int) -> list[triton.Config]:
+    return [c for c in _ALL_CONFIGS if _keep(c, block_d, elem_bytes, arch)]
 
 
-def autotune_configs(head_dim: int, dtype: torch.dtype) -> list[triton.Config]:
-    """The configs the CUDA autotuner chooses from for this head_dim and dtype (also used by the AOT test)."""
-    return _class_configs(*_tile_class(head_dim, torch.empty((), dtype=dtype).element_size()))
+def autotune_configs(head_dim: int, dtype: torch.dtype, *, capability: int) -> list[triton.Config]:
+    """The configs the CUDA autotuner chooses from for this head_dim and dtype on a GPU of this compute
+    capability (also used by the AOT tests)."""
+    return _class_configs(*_tile_class(head_dim, torch.empty((), dtype=dtype).element_size()), _arch(capability))
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_kernel(block_d: int, elem_bytes: int):
-    """One autotuner per tile class (see `_tile_class`): each gets only configs that fit its tiles, so no
-    candidate fails to compile for lack of shared memory. The key buckets the sequence length so texts of
-    8..77 tokens share a few tuning runs instead of one per length."""
-    configs = _class_configs(block_d, elem_bytes)
+def _tuned_kernel(block_d: int, elem_bytes: int, arch: int):
+    """One autotuner per tile class (see `_tile_class`) and architecture: each gets only configs that fit its
+    tiles, so no candidate fails to compile for lack of shared memory. The key buckets the sequence length so
+    texts of 8..77 tokens share a few tuning runs instead of one per length."""
+    configs = _class_configs(block_d, elem_bytes, arch)
     return triton.autotune(configs=_runtime.tuned_configs(configs),
                            key=["SEQ_BUCKET", "HEAD_DIM", "HAS_MASK", "VARLEN"])(_attention_fwd)
 
@@ -333,7 +352,7 @@ def _attention_op(
     if _runtime.INTERPRETED:
         _attention_fwd[grid](*args, **flags, **INTERPRETER_CONFIG)  # see the note above the op
     else:
-        kernel = _tuned_kernel(*_tile_class(head_dim, q.element_size()))
+        kernel = _tuned_kernel(*_tile_class(head_dim, q.element_size()), _arch(_runtime.capability(q.device)))
         torch.library.wrap_triton(kernel)[grid](*args, **flags)
     return out
 

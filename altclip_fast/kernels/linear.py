@@ -19,6 +19,8 @@ blocks so that the weight columns a group needs stay in L2 while its row blocks 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -144,11 +146,32 @@ def _keep(block_m: int, block_n: int, block_k: int, stages: int, warps: int, ele
 _MAX_BLOCK_K = 64
 _TILES = ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128))
 
+# Configs at the register ceiling: ptxas gives their heaviest AltCLIP launch 248 or more of the 255
+# registers a thread may have (Triton 3.9, tests/kernels/test_compile_facts.py, which keeps every other
+# config at 247 or fewer). They do not spill today, but any growth of the epilogue would. Each has a
+# sibling with the same tile that stays (8 warps, or the other BLOCK_K). On sm_80, mma.sync keeps both
+# operand fragments in registers next to the accumulator, where sm_90's wgmma reads them from shared
+# memory, so sm_80 loses more. (variant, BLOCK_M, BLOCK_N, BLOCK_K, warps) -> registers.
+_AT_REGISTER_CEILING = {
+    80: {("16bit", 128, 128, 32, 4): 252, ("16bit", 128, 128, 64, 4): 254, ("16bit", 128, 256, 32, 8): 248,
+         ("16bit", 256, 128, 32, 8): 248, ("tf32", 128, 128, 32, 4): 255, ("ieee", 64, 128, 32, 4): 255,
+         ("ieee", 128, 64, 32, 4): 254, ("ieee", 128, 128, 32, 8): 254},
+    90: {("16bit", 128, 256, 64, 8): 254, ("tf32", 128, 128, 32, 4): 254, ("ieee", 128, 128, 32, 8): 254},
+}
+CAPABILITIES = tuple(_AT_REGISTER_CEILING)
 
-def autotune_configs(dtype: torch.dtype, input_precision: str = "ieee") -> list[triton.Config]:
-    """Every config the autotuner may pick for ``dtype`` operands (and, for fp32, ``input_precision``)."""
+
+def _arch(capability: int) -> int:
+    """The config family of a compute capability: Hopper and newer tune as sm_90, the rest as sm_80."""
+    return 90 if capability >= 90 else 80
+
+
+def autotune_configs(dtype: torch.dtype, input_precision: str = "ieee", *, capability: int) -> list[triton.Config]:
+    """Every config the autotuner may pick for ``dtype`` operands (and, for fp32, ``input_precision``) on
+    a GPU of this compute capability (``80``, ``90``, ...)."""
     elem_bytes = torch.empty((), dtype=dtype).element_size()
-    fma = dtype == torch.float32 and input_precision == "ieee"
+    variant = _variant(dtype, input_precision)
+    heavy = _AT_REGISTER_CEILING[_arch(capability)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_SPLIT": 2},
                       num_warps=w, num_stages=s)
@@ -156,24 +179,27 @@ def autotune_configs(dtype: torch.dtype, input_precision: str = "ieee") -> list[
         for bk in (32, 64)
         for s in (3, 4)
         for w in (4, 8)
-        if _keep(bm, bn, bk, s, w, elem_bytes, fma)
+        if _keep(bm, bn, bk, s, w, elem_bytes, variant == "ieee") and (variant, bm, bn, bk, w) not in heavy
     ]
 
 
 _AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "ACTIVATION", "HAS_RESIDUAL", "INPUT_PRECISION"]
 # One autotuner per config list: 16-bit operands, fp32 on tensor cores (TF32), fp32 on FMA units
-# (IEEE). A list chosen before launch needs no pruning hook at launch, which torch.compile's handling
-# of user kernels would have to replay. The autotuner's cache key adds the argument dtypes itself.
+# (IEEE), per architecture. A list chosen before launch needs no pruning hook at launch, which
+# torch.compile's handling of user kernels would have to replay. The autotuner's cache key adds the
+# argument dtypes itself.
 _TUNED_VARIANTS = {
     "16bit": (torch.float16, "ieee"),
     "tf32": (torch.float32, "tf32"),
     "ieee": (torch.float32, "ieee"),
 }
-_TUNED = {
-    name: triton.autotune(configs=_runtime.tuned_configs(autotune_configs(dtype, precision)),
-                          key=_AUTOTUNE_KEY)(_linear_fwd)
-    for name, (dtype, precision) in _TUNED_VARIANTS.items()
-} if not _runtime.INTERPRETED else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(variant: str, arch: int):
+    dtype, precision = _TUNED_VARIANTS[variant]
+    configs = autotune_configs(dtype, precision, capability=arch)
+    return triton.autotune(configs=_runtime.tuned_configs(configs), key=_AUTOTUNE_KEY)(_linear_fwd)
 
 
 def _variant(dtype: torch.dtype, input_precision: str) -> str:
@@ -228,7 +254,7 @@ def _linear_op(
             # Interpreted kernels are called directly: torch < 2.13's wrap_triton rejects them.
             _linear_fwd[grid](*args, **flags, **INTERPRETER_CONFIG)
         else:
-            kernel = _TUNED[_variant(x.dtype, input_precision)]
+            kernel = _tuned(_variant(x.dtype, input_precision), _arch(_runtime.capability(x.device)))
             torch.library.wrap_triton(kernel)[grid](*args, **flags)
     return y.view(*x.shape[:-1], n)
 

@@ -151,6 +151,22 @@ def roberta_position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Ten
     return torch.cumsum(real, dim=1) * real + padding_idx
 
 
+def _patch_rows(pixels: torch.Tensor, p: int, rows: int, cols: int, width: int) -> torch.Tensor:
+    """``[batch * rows * cols, width]``: each ``p x p`` patch flattened in the conv weight's (channel, row,
+    col) order, in one copy. Past ``channels * p * p`` the columns are zeros, for a backend that padded
+    the weight's in-features (``Ops.prepare_weight``). A conv with stride = kernel ignores the pixels past
+    the last whole patch, and so does this."""
+    batch, channels = pixels.shape[:2]
+    k = channels * p * p
+    grid = pixels[:, :, : rows * p, : cols * p].reshape(batch, channels, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
+    if width == k:
+        return grid.reshape(batch * rows * cols, k)  # no -1: an empty batch has no size to infer
+    out = pixels.new_empty(batch * rows * cols, width)
+    out[:, k:].zero_()
+    out[:, :k].view(batch, rows, cols, channels, p, p).copy_(grid)
+    return out
+
+
 def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric contrastive loss: text i matches image i, averaged over both directions."""
     targets = torch.arange(len(logits_per_text), device=logits_per_text.device)
@@ -605,15 +621,9 @@ class AltCLIPVisionModel(_Tower):
         positions = self.position_embedding if native else self._positions(height, width)
         pixel_values = pixel_values.to(device=device, dtype=dtype)
         h, seqlen = cfg.hidden_size, 1 + rows * cols
-        # Patches in the conv's (channel, row, col) order; a conv with stride = kernel ignores the
-        # pixels past the last whole patch, and so does this.
-        patches = (
-            pixel_values[:, :, : rows * p, : cols * p]
-            .reshape(batch, cfg.num_channels, rows, p, cols, p)
-            .permute(0, 2, 4, 1, 3, 5)
-            .reshape(batch * rows * cols, cfg.num_channels * p * p)  # no -1: an empty batch has no size to infer
-        )
-        patch_embeds = ops.linear(patches, self._weight("patch_embedding"))
+        weight = self._weight("patch_embedding")
+        patches = _patch_rows(pixel_values, p, rows, cols, weight.shape[1])
+        patch_embeds = ops.linear(patches, weight)
         x = torch.empty((batch, seqlen, h), device=device, dtype=dtype)
         x[:, 0] = self.class_embedding
         x[:, 1:] = patch_embeds.view(batch, rows * cols, h)
@@ -653,7 +663,10 @@ class AltCLIPModel(InferenceAPI, nn.Module):
       last layers' query and key/value parts of QKV, which the pooled-only path runs separately); and
       the vision MLP's quick_gelu folded into SiLU, which oneDNN fuses into fc1 (fc1 scaled by 1.702,
       fc2's weight by 1/1.702, derived in fp32 from the checkpoint at load so rounded once).
-    - otherwise (fp32, CUDA, the Triton backend): nothing; ``derived_nbytes()`` is 0.
+    - Triton backend: GEMM weights whose in-features are not a multiple of 16 (the patch embedding's
+      3 x 14 x 14 = 588) zero-padded to a multiple of 64, so the kernel's rows are aligned (1.3 MB in
+      bf16 for BAAI/AltCLIP).
+    - otherwise (the torch backend in fp32 or on CUDA): nothing; ``derived_nbytes()`` is 0.
 
     After changing parameters in place, call ``prepare()``.
     """

@@ -52,7 +52,9 @@ class Ops(Protocol):
     unchanged where there is nothing to gain, else derived copies that the caller keeps:
 
     - ``prepare_weight(weight) -> weight'``: the form of a GEMM weight ``[out, in]`` that ``linear``
-      and ``linear_add_layer_norm`` take (e.g. pre-blocked for oneDNN).
+      and ``linear_add_layer_norm`` take (e.g. pre-blocked for oneDNN). It may have more in-features
+      than ``weight``, zeros past the real ones (the Triton kernels' aligned rows); ``linear`` then
+      takes x of either width, so a caller may build x that wide itself, zeros past its features.
     - ``prepare_mlp(fc1_weight, fc1_bias, fc2_weight, activation, *, sources=None)
       -> (fc1_weight', fc1_bias', fc2_weight', activation')``: an MLP ``fc2(act(fc1(x)))`` rewritten
       into an equivalent one the backend fuses better (e.g. quick_gelu folded into SiLU). ``sources``

@@ -21,15 +21,39 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from .gemm_choice import MeasuredChoice, gemm_mode
 from .layouts import PackedLayout, padded_kv
 from .torch_backend import torch_linear
 
-__all__ = ["TritonOps", "load_kernels"]
+__all__ = ["TritonOps", "load_kernels", "pad_in_features"]
 
 _PACKAGE = "altclip_fast.kernels"
 _MODULES = ("attention", "layer_norm", "linear")
+
+# A GEMM whose rows are not a multiple of 16 elements long has rows that are not 16-byte aligned, and
+# then Triton cannot pipeline its loads: the patch embedding's K = 3 x 14 x 14 = 588 compiled with no
+# cp.async on sm_80 or sm_90, and 6 of 14 configs spilled (up to 1.7 KiB on sm_90, 4.5 KiB on sm_80).
+# Zero columns up to a multiple of 64 put such a weight on the unmasked K loop that every other AltCLIP
+# GEMM runs, whose compile facts are clean (tests/kernels/test_compile_facts.py); the zeros add exact
+# zeros. Chosen over handing the shape to cuBLAS: the padded launch is code already proven for the other
+# GEMMs, it costs 1.3 MB and 9% more of a GEMM that is 0.2% of the model's FLOPs, and gemm="auto" still
+# measures it against cuBLAS.
+ALIGNED_K = 16
+PADDED_K_MULTIPLE = 64  # the kernel's unmasked K loop (EVEN_K) needs K % 64 == 0
+
+
+def pad_in_features(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``[out, in]`` as is, or with zero columns up to a multiple of 64 if ``in`` is not a
+    multiple of 16. ``linear`` takes x of either width; a caller that builds x anyway can build it
+    that wide, zeros past its real features, and spare the backend a copy."""
+    k = weight.shape[1]
+    if k % ALIGNED_K == 0:
+        return weight
+    padded = weight.new_zeros(weight.shape[0], -(-k // PADDED_K_MULTIPLE) * PADDED_K_MULTIPLE)
+    padded[:, :k] = weight
+    return padded
 
 
 @contextlib.contextmanager
@@ -121,10 +145,10 @@ class TritonOps:
             self._kernels = load_kernels()
         return self._kernels
 
-    # -- prepare step: the kernels take the checkpoint's weights as they are --------------------------
+    # -- prepare step: the kernels take the checkpoint's weights as they are, rows aligned -------------
 
     def prepare_weight(self, weight):
-        return weight
+        return pad_in_features(weight)
 
     def prepare_mlp(self, fc1_weight, fc1_bias, fc2_weight, activation, *, sources=None):
         return fc1_weight, fc1_bias, fc2_weight, activation
@@ -133,6 +157,8 @@ class TritonOps:
 
     def _gemm(self, x, weight, bias=None, *, activation=None, residual=None):
         """``act(x @ weight.T + bias) (+ residual)`` through the Triton kernel or torch, per ``gemm_choice``."""
+        if x.shape[-1] < weight.shape[1]:  # a weight padded by prepare_weight: zeros meet zeros
+            x = F.pad(x, (0, weight.shape[1] - x.shape[-1]))
         path = self.gemm
         if path == "auto":
             # Under the interpreter (CPU) the kernels are what this backend exists to run.

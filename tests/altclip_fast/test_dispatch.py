@@ -298,3 +298,19 @@ def test_triton_backend_with_torch_gemms(monkeypatch, activation):
     torch.testing.assert_close(y, ref.add_layer_norm(ref.linear(x, w), g, beta, residual=r, x_bias=b)[0],
                                atol=ATOL, rtol=RTOL)
     assert calls == ["ln"]  # no Triton GEMM ran
+
+
+@pytest.mark.parametrize("k,padded", [(147, 192), (588, 640), (64, 64), (48, 48)])
+def test_triton_prepare_pads_unaligned_rows_and_linear_takes_either_width(k, padded):
+    """Rows not a multiple of 16 elements get zero columns up to a multiple of 64 (aligned ones are kept
+    as they are); the GEMM gives the same answer from x as it is or from x already padded."""
+    pytest.importorskip("triton")
+    ops = dispatch.get_ops("triton")
+    w, x, bias = rand(24, k, seed=1), rand(5, k, seed=2), rand(24, seed=3)
+    prepared = ops.prepare_weight(w)
+    assert prepared.shape == (24, padded)
+    assert (prepared is w) == (k == padded)
+    want = ref.linear(x, w, bias)
+    torch.testing.assert_close(ops.linear(x, prepared, bias), want, atol=ATOL, rtol=RTOL)
+    wide = torch.nn.functional.pad(x, (0, padded - k))
+    torch.testing.assert_close(ops.linear(wide, prepared, bias), want, atol=ATOL, rtol=RTOL)

@@ -129,23 +129,56 @@ def test_derived_bytes_count_every_prepacked_copy(canonical):
     assert all(layer.prepared[k].is_mkldnn for k in ("qkv.weight", "out.weight", "fc1.weight", "fc2.weight",
                                                      "q.weight", "kv.weight"))
     assert not model.vision_model.layers[0].prepared["q.weight"].is_mkldnn  # only the last layer needs them
-    gemm_weights = [p for n, p in model.named_parameters() if n.endswith((".weight", "patch_embedding"))
-                    and ("layers." in n and ("qkv" in n or "out" in n or "fc" in n)
-                         or n.endswith(("transformation.weight", "projection.weight", "patch_embedding")))]
     last_qkv = sum(t.layers[-1].qkv.weight.nbytes for t in (model.text_model, model.vision_model))
     folded_biases = sum(l.fc1.bias.nbytes for l in model.vision_model.layers)
-    assert model.derived_nbytes() == sum(p.nbytes for p in gemm_weights) + last_qkv + folded_biases
+    assert model.derived_nbytes() == sum(p.nbytes for p in _gemm_weights(model)) + last_qkv + folded_biases
 
 
-def test_fp32_and_triton_keep_no_derived_copies(canonical):
+def _gemm_weights(model) -> list[torch.Tensor]:
+    """Every weight that runs as a GEMM's ``[out, in]`` operand (the patch conv's flattened)."""
+    return [p.flatten(1) for n, p in model.named_parameters() if n.endswith((".weight", "patch_embedding"))
+            and ("layers." in n and ("qkv" in n or "out" in n or "fc" in n)
+                 or n.endswith(("transformation.weight", "projection.weight", "patch_embedding")))]
+
+
+def _padded_nbytes(weight: torch.Tensor) -> int:
+    """Bytes of the Triton backend's copy of a weight whose rows are not 16 elements aligned: its
+    in-features padded to a multiple of 64 (0 for aligned rows, which it takes as they are)."""
+    out, k = weight.shape
+    return 0 if k % 16 == 0 else out * (-(-k // 64) * 64) * weight.element_size()
+
+
+def test_fp32_keeps_no_derived_copies_and_triton_only_row_padding(canonical):
     model = fast.AltCLIPModel.from_state_dict(CONFIG, canonical, backend="torch")
     assert model.derived_nbytes() == 0
     assert model.text_model.derived_nbytes() == model.vision_model.derived_nbytes() == 0
     model.to(BF16)
     assert (model.derived_nbytes() > 0) == FOLDED
-    model.backend = "triton"  # re-resolved and re-prepared: the kernels take the parameters as they are
-    assert model.derived_nbytes() == 0 and model.vision_model.ops.name == "triton"
+    model.backend = "triton"  # re-resolved and re-prepared: the kernels take the parameters, rows aligned
+    assert model.vision_model.ops.name == "triton"
+    assert model.derived_nbytes() == _triton_padding_nbytes(model) > 0
     assert model.vision_model.layers[0]._mlp_act == "quick_gelu"
+    model.to(torch.float32)
+    assert model.derived_nbytes() == _triton_padding_nbytes(model) > 0
+
+
+def _triton_padding_nbytes(model) -> int:
+    # The last layers' query and key/value parts of QKV are prepared apart too (the pooled-only path).
+    last_q_kv = [torch.empty(rows, t.config.hidden_size, dtype=model.dtype)
+                 for t in (model.text_model, model.vision_model) for rows in (1, 2)
+                 for rows in [rows * t.config.hidden_size]]
+    return sum(_padded_nbytes(w) for w in _gemm_weights(model) + last_q_kv)
+
+
+def test_triton_padding_keeps_the_weights_and_zeros_the_rest(canonical):
+    """The patch embedding's 3 x 7 x 7 = 147 in-features are padded to 192: the checkpoint's values, then
+    zeros; the parameter itself keeps its shape."""
+    model = fast.AltCLIPModel.from_state_dict(CONFIG, canonical, backend="triton")
+    weight = model.vision_model.patch_embedding.flatten(1)
+    padded = model.vision_model._weight("patch_embedding")
+    assert weight.shape[1] == 147 and padded.shape == (weight.shape[0], 192)
+    assert torch.equal(padded[:, :147], weight) and not padded[:, 147:].any()
+    assert model.vision_model.patch_embedding.shape[1:] == (3, 7, 7)
 
 
 def test_backend_is_resolved_when_set_or_moved_not_per_forward(canonical, monkeypatch):

@@ -103,7 +103,7 @@ def test_switching_backend_re_prepares_the_mlp_weights(checkpoint, batch, fp32_a
     model.backend = None
     assert model.vision_model.ops.name == "triton"
     got = model.get_image_features(pixels)
-    assert model.vision_model.layers[0]._mlp_act == "quick_gelu" and model.derived_nbytes() == 0
+    assert model.vision_model.layers[0]._mlp_act == "quick_gelu"  # the fold is the torch backend's
     assert rel_err(got / got.norm(dim=-1, keepdim=True), want) < TOL
     model.backend = "torch"
     assert model.vision_model.ops.name == "torch"

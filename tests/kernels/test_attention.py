@@ -401,8 +401,12 @@ def test_every_autotune_config_computes_the_right_answer(head_dim, monkeypatch):
     q, k, v = fused_qkv(2, 130, 1, head_dim, torch.float32, seed=61)
     mask = lengths_mask([130, 97], 130)
     refs = {False: reference_fp32(q, k, v), True: reference_fp32(q, k, v, mask)}
-    monkeypatch.setattr(importlib.import_module("altclip_fast.kernels._runtime"), "INTERPRETED", False)
-    configs = module.autotune_configs(head_dim, torch.float16)
+    runtime = importlib.import_module("altclip_fast.kernels._runtime")
+    monkeypatch.setattr(runtime, "INTERPRETED", False)
+    monkeypatch.setattr(runtime, "capability", lambda device: 90)  # the launcher asks; the stub decides
+    configs = {str(c): c for cap in module.CAPABILITIES for c in module.autotune_configs(head_dim, torch.float16,
+                                                                                         capability=cap)}
+    configs = list(configs.values())
     assert configs
     for config in configs:
         single = triton.autotune(configs=[config], key=["SEQ_BUCKET"])(module._attention_fwd)

@@ -55,16 +55,16 @@ def aot_results():
     # live state (mask loads and selects on every block), so it is the one measured.
     for head_dim in (64, 128):
         for dtype in (torch.float16, torch.float32):
-            for config in autotune_configs(head_dim, dtype):
-                for cap in CAPABILITIES:
+            for cap in CAPABILITIES:
+                for config in autotune_configs(head_dim, dtype, capability=cap):
                     jobs.append(_job(head_dim, dtype, config, cap, has_mask=True, varlen=False))
     # The other variants share those tiles; compile each once per capability with the class's largest
     # config to prove they lower too: bf16 (its own MMA path), padded head dims (20, 80: masked d lanes),
     # and the packed layout.
     for head_dim, dtype, varlen in ((64, torch.bfloat16, False), (20, torch.float16, False),
                                     (80, torch.float16, False), (64, torch.float16, True)):
-        config = autotune_configs(head_dim, dtype)[-1]
         for cap in CAPABILITIES:
+            config = autotune_configs(head_dim, dtype, capability=cap)[-1]
             jobs.append(_job(head_dim, dtype, config, cap, has_mask=not varlen, varlen=varlen))
     return compile_many(jobs)
 
@@ -115,4 +115,6 @@ def test_compiled_head_dims_cover_every_head_dim():
         for head_dim in range(1, 129):
             widest = 64 if head_dim <= 64 else 128
             assert _block_d(head_dim) <= widest
-            assert _describe(autotune_configs(head_dim, dtype)) == _describe(autotune_configs(widest, dtype))
+            for cap in CAPABILITIES:
+                assert (_describe(autotune_configs(head_dim, dtype, capability=cap))
+                        == _describe(autotune_configs(widest, dtype, capability=cap)))

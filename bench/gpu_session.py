@@ -4,7 +4,8 @@
 
 Steps run in order of priority: the environment report, correctness (GPU tests, the Triton-backend
 model tests, the kernel suites on CUDA tensors), the end-to-end benchmark in bf16 against
-transformers (sdpa, then with torch.compile), then kernel microbenchmarks. Each step runs in its own
+transformers (sdpa, then with torch.compile), then kernel microbenchmarks, and last what ptxas says about
+every kernel config (``compile-facts.md``: no GPU needed, but from this machine's Triton). Each step runs in its own
 process group with a time cap, trimmed to what is left of the budget (default 480 s: the run must fit
 an 8-minute window with room for a rerun in a 15-minute lease); a step that cannot get its minimum
 is skipped and says so. A failing or timed-out step never stops the run.
@@ -129,6 +130,13 @@ def steps(out: Path) -> list[Step]:
              [PY, "bench/bench_layer_norm.py", "--dtype", "bf16"]),
         Step("bench-linear", "GEMM + epilogue vs cuBLAS + torch epilogue", 40,
              [PY, "bench/bench_linear.py", "--dtype", "bf16"]),
+        # Needs no GPU, but runs here so that the facts of this machine's Triton come back with its figures.
+        Step("compile-facts", "ptxas on every kernel config at AltCLIP's shapes, sm_80 and sm_90", 60,
+             pytest + ["tests/kernels/test_compile_facts.py"], dry=pytest + ["tests/kernels/test_compile_facts.py"],
+             min_s=20,
+             env={"ALTCLIP_FAST_COMPILE_FACTS_TABLE": str(out / "compile-facts.md"), "AOT_WORKERS": "12"},
+             # The dry run compiles one config of each bf16 launch for sm_90: the plumbing, in seconds.
+             dry_env={"ALTCLIP_FAST_COMPILE_FACTS": "quick", "AOT_WORKERS": "2"}),
     ]
 
 

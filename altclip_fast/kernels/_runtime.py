@@ -6,8 +6,8 @@
   ``check_same_mode`` catches a module imported under the other one.
 - ``check_device``: compiled kernels take CUDA tensors, interpreted ones CPU tensors too.
 - ``SMEM_BUDGET``: the shared memory per block that autotune pruning allows for.
-- ``capability``: a CUDA device's compute capability as one number (80, 90), which picks the
-  autotune config lists: what fits in registers differs between architectures.
+- ``capability``, ``arch_family``: a CUDA device's compute capability as one number (80, 90), and
+  the family of autotune config lists it takes: what fits in registers differs between architectures.
 - ``tuned_configs``: an autotuner's config list, cut to ``$ALTCLIP_FAST_AUTOTUNE_LIMIT`` entries
   when that is set. On a cold machine every new autotune key compiles and times every config; a
   correctness run does not need the fastest tile, and one config per key turns minutes into seconds.
@@ -21,8 +21,8 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-__all__ = ["AUTOTUNE_LIMIT_VAR", "INTERPRETED", "SMEM_BUDGET", "capability", "check_device", "check_same_mode",
-           "tuned_configs"]
+__all__ = ["ARCH_FAMILIES", "AUTOTUNE_LIMIT_VAR", "INTERPRETED", "SMEM_BUDGET", "arch_family", "capability",
+           "check_device", "check_same_mode", "tuned_configs"]
 
 
 @triton.jit
@@ -39,10 +39,24 @@ INTERPRETED = not isinstance(_probe, JITFunction)
 SMEM_BUDGET = 160 * 1024
 
 
+# The architectures that autotune config lists are chosen for: sm_80 (Ampere, mma.sync) and sm_90
+# (Hopper, wgmma). A GPU tunes with the family at or below its own capability.
+ARCH_FAMILIES = (80, 90)
+
+
 def capability(device: torch.device) -> int:
     """``major * 10 + minor`` of a CUDA device (90 on H100/H200, 80 on A100)."""
+    if not torch.cuda.is_available():
+        # Only a trace on fake CUDA tensors gets here (torch.compile or export on a machine without a
+        # GPU): no kernel runs, and the newest family's configs stand in.
+        return ARCH_FAMILIES[-1]
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+def arch_family(capability: int) -> int:
+    """The config family of a compute capability (see ``ARCH_FAMILIES``)."""
+    return max((f for f in ARCH_FAMILIES if f <= capability), default=ARCH_FAMILIES[0])
 
 
 def check_same_mode(kernel) -> None:

@@ -207,12 +207,7 @@ def _smem_bytes(bm: int, bn: int, stages: int, block_d: int, elem_bytes: int) ->
 # fragments in registers) 64 x 64 on 4 warps spills 4-8 bytes and 128 x 32 on 4 warps uses 253 of 255.
 # (BLOCK_M, BLOCK_N, warps) per architecture.
 _AT_REGISTER_CEILING = {80: {(128, 128, 8), (64, 64, 4), (128, 32, 4)}, 90: {(128, 128, 8)}}
-CAPABILITIES = tuple(_AT_REGISTER_CEILING)
-
-
-def _arch(capability: int) -> int:
-    """The config family of a compute capability: Hopper and newer tune as sm_90, the rest as sm_80."""
-    return 90 if capability >= 90 else 80
+CAPABILITIES = _runtime.ARCH_FAMILIES
 
 
 def _keep(config: triton.Config, block_d: int, elem_bytes: int, arch: int) -> bool:
@@ -230,7 +225,8 @@ def _keep(config: triton.Config, block_d: int, elem_bytes: int, arch: int) -> bo
     # An MMA tile gives each warp 16 query rows; more warps than BLOCK_M / 16 would sit idle.
     if warps * 16 > bm or bn > bm:
         return False
-    # Per-thread fp32 live state, accumulator (BM x D) plus score tile (BM x BN): past 96 floats ptxas spills.
+    # Per-thread fp32 live state, accumulator (BM x D) plus score tile (BM x BN): past 96 floats ptxas spills;
+    # at 96 it depends on the variant and the architecture (the table above).
     if (bm * block_d + bm * bn) // (32 * warps) > 96:
         return False
     if (bm, bn, warps) in _AT_REGISTER_CEILING[arch]:
@@ -261,7 +257,8 @@ def _class_configs(block_d: int, elem_bytes: int, arch: int) -> list[triton.Conf
 def autotune_configs(head_dim: int, dtype: torch.dtype, *, capability: int) -> list[triton.Config]:
     """The configs the CUDA autotuner chooses from for this head_dim and dtype on a GPU of this compute
     capability (also used by the AOT tests)."""
-    return _class_configs(*_tile_class(head_dim, torch.empty((), dtype=dtype).element_size()), _arch(capability))
+    block_d, elem_bytes = _tile_class(head_dim, torch.empty((), dtype=dtype).element_size())
+    return _class_configs(block_d, elem_bytes, _runtime.arch_family(capability))
 
 
 @functools.lru_cache(maxsize=None)
@@ -352,7 +349,8 @@ def _attention_op(
     if _runtime.INTERPRETED:
         _attention_fwd[grid](*args, **flags, **INTERPRETER_CONFIG)  # see the note above the op
     else:
-        kernel = _tuned_kernel(*_tile_class(head_dim, q.element_size()), _arch(_runtime.capability(q.device)))
+        arch = _runtime.arch_family(_runtime.capability(q.device))
+        kernel = _tuned_kernel(*_tile_class(head_dim, q.element_size()), arch)
         torch.library.wrap_triton(kernel)[grid](*args, **flags)
     return out
 

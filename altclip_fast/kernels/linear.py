@@ -12,8 +12,8 @@ products unless ``torch.backends.cuda.matmul.allow_tf32`` is on, exactly when ``
 TF32. Layout: the last dim of every tensor must be contiguous; a 2-D ``x``, ``weight`` or ``residual``
 may have strided rows, higher-rank ones must flatten to rows without a copy.
 
-Tiles are autotuned per (bucketed M, N, K, dtype, epilogue) from a pruned config list; the
-interpreter uses one fixed small config. Programs walk output tiles in groups of ``GROUP_M`` row
+Tiles are autotuned per (bucketed M, N, K, dtype, epilogue) from a config list pruned per GPU
+architecture; the interpreter uses one fixed small config. Programs walk output tiles in groups of ``GROUP_M`` row
 blocks so that the weight columns a group needs stay in L2 while its row blocks reuse them.
 """
 
@@ -158,12 +158,7 @@ _AT_REGISTER_CEILING = {
          ("ieee", 128, 64, 32, 4): 254, ("ieee", 128, 128, 32, 8): 254},
     90: {("16bit", 128, 256, 64, 8): 254, ("tf32", 128, 128, 32, 4): 254, ("ieee", 128, 128, 32, 8): 254},
 }
-CAPABILITIES = tuple(_AT_REGISTER_CEILING)
-
-
-def _arch(capability: int) -> int:
-    """The config family of a compute capability: Hopper and newer tune as sm_90, the rest as sm_80."""
-    return 90 if capability >= 90 else 80
+CAPABILITIES = _runtime.ARCH_FAMILIES
 
 
 def autotune_configs(dtype: torch.dtype, input_precision: str = "ieee", *, capability: int) -> list[triton.Config]:
@@ -171,7 +166,7 @@ def autotune_configs(dtype: torch.dtype, input_precision: str = "ieee", *, capab
     a GPU of this compute capability (``80``, ``90``, ...)."""
     elem_bytes = torch.empty((), dtype=dtype).element_size()
     variant = _variant(dtype, input_precision)
-    heavy = _AT_REGISTER_CEILING[_arch(capability)]
+    heavy = _AT_REGISTER_CEILING[_runtime.arch_family(capability)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "EPILOGUE_SPLIT": 2},
                       num_warps=w, num_stages=s)
@@ -254,7 +249,8 @@ def _linear_op(
             # Interpreted kernels are called directly: torch < 2.13's wrap_triton rejects them.
             _linear_fwd[grid](*args, **flags, **INTERPRETER_CONFIG)
         else:
-            kernel = _tuned(_variant(x.dtype, input_precision), _arch(_runtime.capability(x.device)))
+            arch = _runtime.arch_family(_runtime.capability(x.device))
+            kernel = _tuned(_variant(x.dtype, input_precision), arch)
             torch.library.wrap_triton(kernel)[grid](*args, **flags)
     return y.view(*x.shape[:-1], n)
 

@@ -1,4 +1,5 @@
-"""kernels._runtime: the autotune limit a short GPU run uses to skip tuning."""
+"""kernels._runtime: the autotune limit a short GPU run uses to skip tuning, and the architecture families
+that config lists are chosen for."""
 
 from __future__ import annotations
 
@@ -22,3 +23,8 @@ def test_autotune_limit_rejects_nonsense(monkeypatch, bad):
     monkeypatch.setenv(_runtime.AUTOTUNE_LIMIT_VAR, bad)
     with pytest.raises(ValueError, match=_runtime.AUTOTUNE_LIMIT_VAR):
         _runtime.tuned_configs(["a"])
+
+
+def test_every_gpu_takes_the_config_family_at_or_below_its_architecture():
+    assert _runtime.ARCH_FAMILIES == (80, 90)
+    assert [_runtime.arch_family(c) for c in (80, 86, 89, 90, 100, 120)] == [80, 80, 80, 90, 90, 90]

@@ -201,27 +201,32 @@ def _smem_bytes(bm: int, bn: int, stages: int, block_d: int, elem_bytes: int) ->
     return (2 * stages * bn + bm) * block_d * elem_bytes
 
 
-# 16-bit configs at the register ceiling or past it in some AltCLIP launch (ptxas, Triton 3.9, at head_dim 64:
-# tests/kernels/test_compile_facts.py). The masked variant (the text tower's pooled-only last layer) is the
-# heaviest: 128 x 128 spills 104-132 bytes there on both architectures, and on sm_80 (mma.sync holds operand
-# fragments in registers) 64 x 64 on 4 warps spills 4-8 bytes and 128 x 32 on 4 warps uses 253 of 255.
-# (BLOCK_M, BLOCK_N, warps) per architecture.
-_AT_REGISTER_CEILING = {80: {(128, 128, 8), (64, 64, 4), (128, 32, 4)}, 90: {(128, 128, 8)}}
+# 16-bit configs that spill or use more than 247 of 255 registers in some AltCLIP launch (ptxas, Triton 3.6 to
+# 3.9, head_dim 64: tests/kernels/test_compile_facts.py). The masked variant (the text tower's pooled-only last
+# layer) is the heaviest. On sm_80 mma.sync holds operand fragments in registers. (BLOCK_M, BLOCK_N, warps).
+_AT_REGISTER_CEILING = {
+    80: {(128, 128, 8): "104-108 bytes spilled, masked (3.9)",
+         (64, 64, 4): "4-8 bytes spilled, masked and packed (3.9)",
+         (128, 32, 4): "253 registers, masked (3.9)"},
+    90: {(128, 128, 8): "132 bytes spilled, masked (3.9)"},
+}
 CAPABILITIES = _runtime.ARCH_FAMILIES
 
 
-def _keep(config: triton.Config, block_d: int, elem_bytes: int, arch: int) -> bool:
+def _keep(config: triton.Config, block_d: int, elem_bytes: int, arch: int, fma: bool) -> bool:
     """Whether an autotune candidate is worth compiling and benchmarking for this tile class.
 
     Every candidate costs a compile and a benchmark on each new autotune key, so the list stays short.
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     warps, stages = config.num_warps, config.num_stages
-    # fp32 with IEEE products lowers tl.dot to FMA loops whose operands live in registers: on 4 warps even
-    # the 64 x 32 tile spills 0.6-1.5 KiB (head_dim 64); on 8 warps it fits (about 210 registers). fp32 is
-    # the exactness path, not the fast one, so it gets that one tile and no tuning.
+    # fp32 is the exactness path, not the fast one: one tile, no tuning. With IEEE products tl.dot lowers to
+    # FMA loops whose operands live in registers: on 4 warps even 64 x 32 spills 0.6-1.5 KiB (head_dim 64),
+    # on 8 warps it fits (about 210 registers). TF32 runs on tensor cores, where 8 warps on 64 rows would
+    # sit idle and spill (4 bytes, Triton 3.7), and 4 warps fit.
     if elem_bytes == 4:
-        return (bm, bn, warps) == (64, 32, 8) and _deepest_pipeline(bm, bn, stages, block_d, elem_bytes)
+        tile = (64, 32, 8) if fma else (64, 32, 4)
+        return (bm, bn, warps) == tile and _deepest_pipeline(bm, bn, stages, block_d, elem_bytes)
     # An MMA tile gives each warp 16 query rows; more warps than BLOCK_M / 16 would sit idle.
     if warps * 16 > bm or bn > bm:
         return False
@@ -250,23 +255,25 @@ _ALL_CONFIGS = [
 ]
 
 
-def _class_configs(block_d: int, elem_bytes: int, arch: int) -> list[triton.Config]:
-    return [c for c in _ALL_CONFIGS if _keep(c, block_d, elem_bytes, arch)]
+def _class_configs(block_d: int, elem_bytes: int, arch: int, fma: bool) -> list[triton.Config]:
+    return [c for c in _ALL_CONFIGS if _keep(c, block_d, elem_bytes, arch, fma)]
 
 
-def autotune_configs(head_dim: int, dtype: torch.dtype, *, capability: int) -> list[triton.Config]:
-    """The configs the CUDA autotuner chooses from for this head_dim and dtype on a GPU of this compute
-    capability (also used by the AOT tests)."""
+def autotune_configs(head_dim: int, dtype: torch.dtype, input_precision: str = "ieee", *,
+                     capability: int) -> list[triton.Config]:
+    """The configs the CUDA autotuner chooses from for this head_dim and dtype (for fp32, with IEEE or TF32
+    products) on a GPU of this compute capability (also used by the AOT tests)."""
     block_d, elem_bytes = _tile_class(head_dim, torch.empty((), dtype=dtype).element_size())
-    return _class_configs(block_d, elem_bytes, _runtime.arch_family(capability))
+    fma = dtype == torch.float32 and input_precision == "ieee"
+    return _class_configs(block_d, elem_bytes, _runtime.arch_family(capability), fma)
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_kernel(block_d: int, elem_bytes: int, arch: int):
-    """One autotuner per tile class (see `_tile_class`) and architecture: each gets only configs that fit its
-    tiles, so no candidate fails to compile for lack of shared memory. The key buckets the sequence length so
-    texts of 8..77 tokens share a few tuning runs instead of one per length."""
-    configs = _class_configs(block_d, elem_bytes, arch)
+def _tuned_kernel(block_d: int, elem_bytes: int, arch: int, fma: bool):
+    """One autotuner per tile class (see `_tile_class`), architecture and product kind: each gets only configs
+    that fit its tiles, so no candidate fails to compile for lack of shared memory. The key buckets the
+    sequence length so texts of 8..77 tokens share a few tuning runs instead of one per length."""
+    configs = _class_configs(block_d, elem_bytes, arch, fma)
     return triton.autotune(configs=_runtime.tuned_configs(configs),
                            key=["SEQ_BUCKET", "HEAD_DIM", "HAS_MASK", "VARLEN"])(_attention_fwd)
 
@@ -350,7 +357,7 @@ def _attention_op(
         _attention_fwd[grid](*args, **flags, **INTERPRETER_CONFIG)  # see the note above the op
     else:
         arch = _runtime.arch_family(_runtime.capability(q.device))
-        kernel = _tuned_kernel(*_tile_class(head_dim, q.element_size()), arch)
+        kernel = _tuned_kernel(*_tile_class(head_dim, q.element_size()), arch, precision == "ieee")
         torch.library.wrap_triton(kernel)[grid](*args, **flags)
     return out
 

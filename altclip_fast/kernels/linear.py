@@ -146,17 +146,37 @@ def _keep(block_m: int, block_n: int, block_k: int, stages: int, warps: int, ele
 _MAX_BLOCK_K = 64
 _TILES = ((64, 64), (64, 128), (128, 64), (128, 128), (128, 256), (256, 128))
 
-# Configs at the register ceiling: ptxas gives their heaviest AltCLIP launch 248 or more of the 255
-# registers a thread may have (Triton 3.9, tests/kernels/test_compile_facts.py, which keeps every other
-# config at 247 or fewer). They do not spill today, but any growth of the epilogue would. Each has a
-# sibling with the same tile that stays (8 warps, or the other BLOCK_K). On sm_80, mma.sync keeps both
-# operand fragments in registers next to the accumulator, where sm_90's wgmma reads them from shared
-# memory, so sm_80 loses more. (variant, BLOCK_M, BLOCK_N, BLOCK_K, warps) -> registers.
+# Configs pruned because some AltCLIP launch spills in them or uses more than 247 of the 255 registers a
+# thread may have, on Triton 3.6, 3.7, 3.8 or 3.9 (ptxas's report; tests/kernels/test_compile_facts.py holds
+# every config left to that on the Triton installed). At the ceiling any growth of the epilogue spills.
+# Most have a sibling with the same tile that stays (8 warps, or the other BLOCK_K); gemm="auto" measures
+# cuBLAS against the rest. On sm_80, mma.sync keeps both operand fragments in registers next to the
+# accumulator, where sm_90's wgmma reads them from shared memory, so sm_80 loses more; IEEE fp32 runs on
+# FMA units with everything in registers. (variant, BLOCK_M, BLOCK_N, BLOCK_K, warps) -> what ptxas said.
 _AT_REGISTER_CEILING = {
-    80: {("16bit", 128, 128, 32, 4): 252, ("16bit", 128, 128, 64, 4): 254, ("16bit", 128, 256, 32, 8): 248,
-         ("16bit", 256, 128, 32, 8): 248, ("tf32", 128, 128, 32, 4): 255, ("ieee", 64, 128, 32, 4): 255,
-         ("ieee", 128, 64, 32, 4): 254, ("ieee", 128, 128, 32, 8): 254},
-    90: {("16bit", 128, 256, 64, 8): 254, ("tf32", 128, 128, 32, 4): 254, ("ieee", 128, 128, 32, 8): 254},
+    80: {
+        ("16bit", 128, 128, 32, 4): "252 registers (3.9)",
+        ("16bit", 128, 128, 64, 4): "254 registers (3.9)",
+        ("16bit", 128, 256, 32, 8): "248 registers (3.9)",
+        ("16bit", 256, 128, 32, 8): "248 registers (3.9)",
+        ("16bit", 128, 256, 64, 8): "255 registers (3.7), 254 (3.6)",
+        ("16bit", 256, 128, 64, 8): "12 bytes spilled (3.6, 3.7)",
+        ("16bit", 64, 128, 64, 4): "8 bytes spilled with exact GELU (3.6)",
+        ("tf32", 128, 128, 32, 4): "255 registers (3.9)",
+        ("tf32", 64, 128, 64, 4): "8 bytes spilled with exact GELU (3.6)",
+        ("ieee", 64, 128, 32, 4): "255 registers (3.9)",
+        ("ieee", 128, 64, 32, 4): "254 registers (3.9)",
+        ("ieee", 128, 128, 32, 8): "254 registers (3.9)",
+    },
+    90: {
+        ("16bit", 128, 256, 64, 8): "254 registers with quick_gelu (3.9)",
+        ("16bit", 128, 128, 64, 4): "248 registers with quick_gelu (3.8)",
+        ("16bit", 256, 128, 64, 8): "248 registers with quick_gelu (3.8)",
+        ("tf32", 128, 128, 32, 4): "254 registers (3.9)",
+        ("ieee", 128, 128, 32, 8): "254 registers (3.9)",
+        ("ieee", 128, 64, 32, 4): "254 registers (3.6, 3.7)",
+        ("ieee", 64, 64, 32, 4): "16 bytes spilled (3.7)",
+    },
 }
 CAPABILITIES = _runtime.ARCH_FAMILIES
 

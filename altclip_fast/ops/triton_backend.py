@@ -32,14 +32,14 @@ __all__ = ["TritonOps", "load_kernels", "pad_in_features"]
 _PACKAGE = "altclip_fast.kernels"
 _MODULES = ("attention", "layer_norm", "linear")
 
-# A GEMM whose rows are not a multiple of 16 elements long has rows that are not 16-byte aligned, and
-# then Triton cannot pipeline its loads: the patch embedding's K = 3 x 14 x 14 = 588 compiled with no
-# cp.async on sm_80 or sm_90, and 6 of 14 configs spilled (up to 1.7 KiB on sm_90, 4.5 KiB on sm_80).
-# Zero columns up to a multiple of 64 put such a weight on the unmasked K loop that every other AltCLIP
-# GEMM runs, whose compile facts are clean (tests/kernels/test_compile_facts.py); the zeros add exact
-# zeros. Chosen over handing the shape to cuBLAS: the padded launch is code already proven for the other
-# GEMMs, it costs 1.3 MB and 9% more of a GEMM that is 0.2% of the model's FLOPs, and gemm="auto" still
-# measures it against cuBLAS.
+# Triton proves a load aligned only from a row stride divisible by 16 elements; without that proof it
+# cannot pipeline the loads: the patch embedding's K = 3 x 14 x 14 = 588 compiled with no cp.async on
+# sm_80 or sm_90, and 6 of 14 configs spilled on sm_90 (up to 0.9 KiB of stack), 7 on sm_80 (up to 4.5
+# KiB; Triton 3.9). Zero columns up to a multiple of 64 put such a weight on the unmasked K loop that
+# every other AltCLIP GEMM runs, whose compile facts are clean (tests/kernels/test_compile_facts.py); the
+# zeros add exact zeros. Chosen over handing the shape to cuBLAS: the padded launch is code already proven
+# for the other GEMMs, it costs 1.3 MB and 9% more of a GEMM that is 0.2% of the model's FLOPs, and
+# gemm="auto" still measures it against cuBLAS.
 ALIGNED_K = 16
 PADDED_K_MULTIPLE = 64  # the kernel's unmasked K loop (EVEN_K) needs K % 64 == 0
 

@@ -59,10 +59,11 @@ class Launch:
         flags = dict(self.flags)
         if self.kernel == "linear":
             configs = _module("linear").autotune_configs(self.dtype, flags["INPUT_PRECISION"], capability=capability)
-            return [(f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} w{c.num_warps} s{c.num_stages}",
-                     dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
+            return [(f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} "
+                     f"w{c.num_warps} s{c.num_stages}", dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
         if self.kernel == "attention":
-            configs = _module("attention").autotune_configs(flags["HEAD_DIM"], self.dtype, capability=capability)
+            configs = _module("attention").autotune_configs(flags["HEAD_DIM"], self.dtype, flags["DOT_PRECISION"],
+                                                            capability=capability)
             return [(f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}",
                      dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
         cfg = _module("layer_norm").launch_config(self.hidden)
@@ -248,8 +249,8 @@ def check_launch(kernel: str, args: dict, launches: list[Launch]) -> list[str]:
             continue
         remainder = value.data_ptr() % 16 if isinstance(value, _torch.Tensor) else int(value) % 16
         if remainder:
-            problems.append(f"{launch.describe()}: {name} = {value if not isinstance(value, _torch.Tensor) else 'a pointer'}"
-                            f" is not 16-divisible, but the list compiles it as such")
+            shown = "a pointer" if isinstance(value, _torch.Tensor) else value
+            problems.append(f"{launch.describe()}: {name} = {shown} is not 16-divisible, but the list compiles it as such")
     if kernel == "layer_norm":
         config = _module("layer_norm").launch_config(launch.hidden)
         want = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "num_warps": config["num_warps"]}

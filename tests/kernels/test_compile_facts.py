@@ -37,7 +37,8 @@ def facts(tmp_path_factory):
     results = list(zip(CASES, compile_many([c.job for c in CASES])))
     header = (f"# Compile facts: Triton {triton.__version__}, {len(results)} configs of AltCLIP's launches "
               f"(host {platform.machine()}, no GPU needed)")
-    path = os.environ.get("ALTCLIP_FAST_COMPILE_FACTS_TABLE") or str(tmp_path_factory.mktemp("facts") / "compile-facts.md")
+    path = (os.environ.get("ALTCLIP_FAST_COMPILE_FACTS_TABLE")
+            or str(tmp_path_factory.mktemp("facts") / "compile-facts.md"))
     with open(path, "w") as f:
         f.write(compile_facts.table(results, header))
     print(f"compile facts table: {path}")

@@ -26,8 +26,6 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="records launc
 
 pytest.importorskip("triton")
 
-_KERNELS = {"linear": "_linear_fwd", "attention": "_attention_fwd", "layer_norm": "_add_layer_norm_fwd"}
-
 
 class _Recorder:
     """Stands in for an interpreted kernel: ``kernel[grid](*args, **kwargs)`` records the arguments by name."""
@@ -52,7 +50,7 @@ def full_size_model():
 @contextlib.contextmanager
 def _recording(launches: list):
     patch = pytest.MonkeyPatch()
-    for name, attr in _KERNELS.items():
+    for name, attr in compile_facts.KERNELS.items():
         module = importlib.import_module(f"altclip_fast.kernels.{name}")
         patch.setattr(module, attr, _Recorder(name, getattr(module, attr), launches))
     try:
@@ -89,7 +87,7 @@ def test_every_launch_of_the_full_size_model_is_in_the_compile_facts(full_size_m
     finally:
         torch.backends.cuda.matmul.allow_tf32 = was
     kinds = {name for name, _ in launches}
-    assert kinds == set(_KERNELS), kinds
+    assert kinds == set(compile_facts.KERNELS), kinds
     listed = compile_facts.altclip_launches((dtype,))
     problems = sorted({p for name, args in launches for p in compile_facts.check_launch(name, args, listed)})
     assert not problems, "\n".join(problems)

@@ -14,6 +14,7 @@ declared unaligned: the general case, which a real launch may beat but never fal
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -33,9 +34,17 @@ _ATTENTION_STRIDES = tuple(f"stride_{t}{d}" for t in "qkvo" for d in "bsh")
 _LN_INTS = ("M", "N", "stride_x", "stride_r", "stride_y", "stride_s")
 
 
+# module of altclip_fast.kernels -> its kernel
+KERNELS = {"linear": "_linear_fwd", "attention": "_attention_fwd", "layer_norm": "_add_layer_norm_fwd"}
+
+
 def _module(name: str):
     # The module, not the op of the same name that altclip_fast.kernels exposes.
     return importlib.import_module(f"altclip_fast.kernels.{name}")
+
+
+def _arg_names(kernel) -> list[str]:
+    return list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,8 @@ class Launch:
         this compute capability."""
         flags = dict(self.flags)
         if self.kernel == "linear":
-            configs = _module("linear").autotune_configs(self.dtype, flags["INPUT_PRECISION"], capability=capability)
+            configs = _module("linear").autotune_configs(self.dtype, flags["INPUT_PRECISION"],
+                                                         capability=capability)
             return [(f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']} "
                      f"w{c.num_warps} s{c.num_stages}", dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
         if self.kernel == "attention":
@@ -71,7 +81,7 @@ class Launch:
                  {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}, cfg["num_warps"], 1)]
 
     def job(self, tiles: dict, num_warps: int, num_stages: int, capability: int) -> AotJob:
-        kernel = getattr(_module(self.kernel), _KERNELS[self.kernel])
+        kernel = getattr(_module(self.kernel), KERNELS[self.kernel])
         signature = {name: f"*{t}" for name, t in self.pointers}
         signature.update({name: "i32" for name in self.ints})
         signature.update({name: "fp32" for name in self.floats})
@@ -80,19 +90,6 @@ class Launch:
         ordered = {name: signature[name] for name in _arg_names(kernel)}
         return AotJob(kernel_path(kernel), ordered, constexprs, capability, num_warps=num_warps,
                       num_stages=num_stages, divisible_by_16=tuple(a for a in self.aligned if a in ordered))
-
-
-_KERNELS = {"linear": "_linear_fwd", "attention": "_attention_fwd", "layer_norm": "_add_layer_norm_fwd"}
-
-
-def _arg_names(kernel) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
-
-
-def kernel_object(name: str):
-    return getattr(_module(name), _KERNELS[name])
 
 
 def altclip_shapes() -> tuple[int, int]:
@@ -223,8 +220,6 @@ def check_launch(kernel: str, args: dict, launches: list[Launch]) -> list[str]:
     """What is wrong with a real launch (``args``: every argument by name, constexprs and launch options
     included) as a case of ``launches``: not listed, other pointer types, or less aligned than declared.
     Empty when the list covers it."""
-    import torch as _torch
-
     tiles = {k: v for k, v in args.items() if k in _TILE_KEYS[kernel] | _LAUNCH_OPTIONS}
     constexpr_names = {name for launch in launches if launch.kernel == kernel for name, _ in launch.flags}
     flags = {k: v for k, v in args.items() if k in constexpr_names}
@@ -233,7 +228,7 @@ def check_launch(kernel: str, args: dict, launches: list[Launch]) -> list[str]:
         return [f"{kernel} launch with flags {flags} is not in the compile facts' list"]
     problems = []
     unused = _unused_pointers(kernel, flags)
-    data_dtype = next(t.dtype for name, t in args.items() if isinstance(t, _torch.Tensor) and name not in unused)
+    data_dtype = next(t.dtype for name, t in args.items() if isinstance(t, torch.Tensor) and name not in unused)
     launch = next((c for c in candidates if c.dtype == data_dtype), None)
     if launch is None:
         return [f"{kernel} {flags} launched on {data_dtype}, which the list does not hold"]
@@ -247,10 +242,11 @@ def check_launch(kernel: str, args: dict, launches: list[Launch]) -> list[str]:
         value = args.get(name)
         if value is None or name in unused:
             continue
-        remainder = value.data_ptr() % 16 if isinstance(value, _torch.Tensor) else int(value) % 16
+        remainder = value.data_ptr() % 16 if isinstance(value, torch.Tensor) else int(value) % 16
         if remainder:
-            shown = "a pointer" if isinstance(value, _torch.Tensor) else value
-            problems.append(f"{launch.describe()}: {name} = {shown} is not 16-divisible, but the list compiles it as such")
+            shown = "a pointer" if isinstance(value, torch.Tensor) else value
+            problems.append(f"{launch.describe()}: {name} = {shown} is not 16-divisible, but the list compiles "
+                            "it as such")
     if kernel == "layer_norm":
         config = _module("layer_norm").launch_config(launch.hidden)
         want = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"], "num_warps": config["num_warps"]}

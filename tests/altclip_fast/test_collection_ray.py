@@ -85,7 +85,7 @@ def test_ray_driver_killed_mid_run_is_finished_by_resume(work, local_ray, local_
     out = work / "ray_driver_killed"
     assert not (out / "skipped.parquet").exists()
     written = {p.name for p in (out / "metadata").glob("*.parquet")}
-    assert len(written) in (1, 2)  # not all three
+    assert len(written) == 1  # the fault assembles one shard at a time, so the kill lands after the first
     # The actors had saved every batch before the driver died: --resume must take those part files,
     # not embed again. Altered on disk, their values must come through.
     parts = sorted((out / ".altclip-fast" / "parts").rglob("*.npz"))

@@ -210,7 +210,6 @@ _AT_REGISTER_CEILING = {
          (128, 32, 4): "253 registers, masked (3.9)"},
     90: {(128, 128, 8): "132 bytes spilled, masked (3.9)"},
 }
-CAPABILITIES = _runtime.ARCH_FAMILIES
 
 
 def _keep(config: triton.Config, block_d: int, elem_bytes: int, arch: int, fma: bool) -> bool:

@@ -178,7 +178,6 @@ _AT_REGISTER_CEILING = {
         ("ieee", 64, 64, 32, 4): "16 bytes spilled (3.7)",
     },
 }
-CAPABILITIES = _runtime.ARCH_FAMILIES
 
 
 def autotune_configs(dtype: torch.dtype, input_precision: str = "ieee", *, capability: int) -> list[triton.Config]:

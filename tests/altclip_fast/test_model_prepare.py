@@ -164,9 +164,8 @@ def test_fp32_keeps_no_derived_copies_and_triton_only_row_padding(canonical):
 
 def _triton_padding_nbytes(model) -> int:
     # The last layers' query and key/value parts of QKV are prepared apart too (the pooled-only path).
-    last_q_kv = [torch.empty(rows, t.config.hidden_size, dtype=model.dtype)
-                 for t in (model.text_model, model.vision_model) for rows in (1, 2)
-                 for rows in [rows * t.config.hidden_size]]
+    hidden = [t.config.hidden_size for t in (model.text_model, model.vision_model)]
+    last_q_kv = [torch.empty(parts * h, h, dtype=model.dtype) for h in hidden for parts in (1, 2)]
     return sum(_padded_nbytes(w) for w in _gemm_weights(model) + last_q_kv)
 
 

@@ -126,17 +126,18 @@ def compile_many(jobs: list[AotJob], timeout: float = 1800, workers: int | None 
     A job that fails to compile comes back with ``error`` set rather than raising, so a test can name
     every failing config at once. A job compiled before in this session is not compiled again.
     """
-    todo = list(dict.fromkeys(_key(j) for j in jobs if _key(j) not in _RESULTS))
+    keys = [_key(j) for j in jobs]
+    todo = list(dict.fromkeys(k for k in keys if k not in _RESULTS))
     if todo:
         workers = workers or int(os.environ.get("AOT_WORKERS", 0)) or min(4, os.cpu_count() or 1)
         chunks = [todo[i::workers] for i in range(workers) if todo[i::workers]]
         with ThreadPoolExecutor(len(chunks)) as pool:
-            for keys, rows in zip(chunks, pool.map(lambda c: _run_worker(c, timeout), chunks)):
-                _RESULTS.update(zip(keys, rows))
+            for chunk, rows in zip(chunks, pool.map(lambda c: _run_worker(c, timeout), chunks)):
+                _RESULTS.update(zip(chunk, rows))
     names = {f.name for f in fields(AotResult)}
     results = []
-    for job in jobs:
-        row = {k: v for k, v in _RESULTS[_key(job)].items() if k in names}
+    for job, key in zip(jobs, keys):
+        row = {k: v for k, v in _RESULTS[key].items() if k in names}
         results.append(AotResult(job=job, **{**row, "ptx_features": tuple(row.get("ptx_features", ()))}))
     return results
 

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import environment
 from .errors import AltCLIPError, CheckpointError
 
 __all__ = ["WEIGHTS_FILES", "resolve_model_dir", "find_weights", "read_json"]
@@ -76,7 +77,7 @@ def _download_from_hub(repo_id: str, *, subfolder: str = "", **hub_options) -> P
             )) / prefix
     except Exception as exc:  # huggingface_hub raises many types: network, auth, offline cache miss
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        offline = environment.get("HF_HUB_OFFLINE").lower() in ("1", "true", "yes", "on")
         hint = (
             "HF_HUB_OFFLINE is set and the hub cache has no copy of it"
             if offline

@@ -42,7 +42,6 @@ Nothing is folded or pre-blocked for oneDNN.
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 import weakref
@@ -50,6 +49,7 @@ import weakref
 import torch
 from torch import nn
 
+from . import environment
 from .ops import ENV_VAR, PaddedLayout, get_ops, resolve_backend
 from .ops.gemm_choice import gemm_mode
 
@@ -305,7 +305,7 @@ def optimize(hf_model: nn.Module, attention: bool = True, layer_norm: bool = Tru
             f"got {type(hf_model).__name__}"
         )
     # Read the environment and validate names now, not at the first forward.
-    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    requested = backend if backend is not None else environment.get(ENV_VAR)
     resolve_backend(backend, "cpu")
     setting = (requested, gemm_mode())
 

@@ -19,12 +19,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PACKAGE = ROOT / "altclip_fast"
 
-# What each layer may import from this project (besides itself). Shared leaves (errors, dtypes,
-# model_files) sit below everything in altclip_fast.
-LEAVES = {"altclip_fast", "altclip_fast.errors", "altclip_fast.dtypes", "altclip_fast.model_files"}
+# What each layer may import from this project (besides itself). Shared leaves (errors, dtypes, devices,
+# model_files, environment) sit below everything in altclip_fast.
+LEAVES = {"altclip_fast", "altclip_fast.errors", "altclip_fast.dtypes", "altclip_fast.devices",
+          "altclip_fast.model_files", "altclip_fast.environment"}
 ALLOWED = {
-    "altclip_fast.kernels": set(),
-    "altclip_fast.ops": {"altclip_fast.kernels"},
+    "altclip_fast.kernels": {"altclip_fast.environment"},
+    "altclip_fast.ops": {"altclip_fast.kernels", "altclip_fast.environment"},
     "altclip_fast.preprocessing": LEAVES,
     "altclip_fast.modeling": LEAVES | {"altclip_fast.ops", "altclip_fast.kernels"},
     "altclip_fast.optimize": LEAVES | {"altclip_fast.ops", "altclip_fast.kernels"},

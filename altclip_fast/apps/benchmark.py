@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import auto_device
 from ..dtypes import resolve_dtype
 from ..modeling.config import AltCLIPConfig
 from ..modeling.model import AltCLIPModel, checkpoint_shapes
@@ -462,7 +463,7 @@ def _device_memory(meta: dict, gpu: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or str(auto_device())
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("altclip-fast bench: --device cuda but CUDA is not available", file=sys.stderr)
         return 2

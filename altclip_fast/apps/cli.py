@@ -19,11 +19,7 @@ import sys
 from pathlib import Path
 
 from ..errors import AltCLIPError, UsageError
-
-DEFAULT_MODEL = "BAAI/AltCLIP"
-# The names --dtype accepts, besides auto (a subset of altclip_fast.dtypes.DTYPE_NAMES, which would
-# import torch: the parser is built without it).
-DTYPE_CHOICES = ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+from .runtime import DEFAULT_MODEL, DTYPE_CHOICES, Session
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,125 +27,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-# ---------------------------------------------------------------------------------------------- runtime
-
-
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device torch knows (try auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
-def auto_dtype(device):
-    """The dtype ``--dtype auto`` means: the one place this choice is made.
-
-    GPU: bf16 where the card supports it (Ampere and later), else fp16. CPU: fp32, the safe choice
-    (no reduced-precision drift in embeddings).
-    """
-    import torch
-
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def pick_dtype(name: str, device):
-    import torch
-
-    from ..dtypes import resolve_dtype
-
-    if name == "auto":
-        return auto_dtype(device)
-    dtype = resolve_dtype(name)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise UsageError("--dtype fp16 is not supported on CPU (use fp32 or bf16)")
-    return dtype
-
-
-def resolve_model(model: str) -> Path:
-    """The model directory (hub ids are fetched); checked to hold weights before anything is loaded."""
-    from ..model_files import WEIGHTS_FILES, find_weights, resolve_model_dir
-    from ..errors import CheckpointError
-
-    try:
-        directory = resolve_model_dir(model)
-    except CheckpointError as exc:  # no such directory, no network, no huggingface_hub: all fixable by the user
-        raise UsageError(str(exc)) from None
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"{model}: not a model directory (no config.json)")
-    if find_weights(directory) is None:
-        raise UsageError(f"{model}: the model directory has no weights (expected one of {', '.join(WEIGHTS_FILES)})")
-    return directory
-
-
-def load_model(model_dir: Path, device, dtype):
-    """The fast AltCLIP model, loaded for inference."""
-    from ..modeling.model import AltCLIPModel
-
-    return AltCLIPModel.from_pretrained(model_dir, dtype=dtype, device=device).eval()
-
-
-def load_processor(model_dir: Path, *, exif_transpose: bool = True, fast_decode: bool = False, image_size=None):
-    from ..preprocessing.processor import AltCLIPProcessor
-
-    return AltCLIPProcessor.from_pretrained(
-        model_dir, exif_transpose=exif_transpose, fast_decode=fast_decode, image_size=image_size
-    )
-
-
-def check_image_size(image_size: int | None, model_dir: Path) -> None:
-    """``--image-size`` must hold at least one patch of the model's vision tower."""
-    if image_size is None:
-        return
-    from ..modeling.config import AltCLIPConfig
-
-    patch = AltCLIPConfig.from_pretrained(model_dir).vision_config.patch_size
-    if image_size < patch:
-        raise UsageError(f"--image-size must be at least the model's patch size {patch}, got {image_size}")
-
-
-class Session:
-    """Model, processor, device and dtype, from the common options; the model loads on first use."""
-
-    def __init__(self, args):
-        self.args = args
-        self.device = pick_device(args.device)
-        self.dtype = pick_dtype(args.dtype, self.device)
-        self.model_dir = resolve_model(args.model)
-        # Another image size than the model's: the processor resizes and crops to it and the model
-        # resizes its position embeddings to match (interpolate_pos_encoding).
-        self.image_size = getattr(args, "image_size", None)
-        check_image_size(self.image_size, self.model_dir)
-        self.interpolate_pos_encoding = self.image_size is not None
-        self.processor = load_processor(
-            self.model_dir, exif_transpose=not args.no_exif_transpose, fast_decode=args.fast_decode,
-            image_size=self.image_size,
-        )
-        self._model = None
-
-    @property
-    def model(self):
-        if self._model is None:
-            self._model = load_model(self.model_dir, self.device, self.dtype)
-        return self._model
-
-    def describe(self) -> str:
-        import torch
-
-        name = str(self.dtype).removeprefix("torch.")
-        return f"{self.args.model} on {self.device} in {name}" + (
-            f" with {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
-        )
 
 
 # ---------------------------------------------------------------------------------------------- classify
@@ -178,7 +55,7 @@ def cmd_classify(args) -> int:
 
     import torch
 
-    session = Session(args)
+    session = Session.from_args(args)
     model, processor = session.model, session.processor
     with torch.inference_mode():
         # The labels are embedded once for the whole run, not once per batch of images.
@@ -262,7 +139,7 @@ def cmd_embed(args) -> int:
                             ("--engine ray", args.engine != "local")):
             if given:
                 raise UsageError(f"{flag} needs --out-dir")
-        return embed.run(job, lambda: Session(args))
+        return embed.run(job, lambda: Session.from_args(args))
     return cmd_embed_collection(args)
 
 
@@ -280,13 +157,13 @@ def cmd_embed_collection(args) -> int:
         ray_workers=args.ray_workers, ray_gpus_per_worker=args.ray_gpus_per_worker,
         ray_cpus_per_worker=args.ray_cpus_per_worker,
     )
-    return collection.run(job, lambda: Session(args))
+    return collection.run(job, lambda: Session.from_args(args))
 
 
 def cmd_search(args) -> int:
     from . import search
 
-    return search.cmd_search(args, Session, default_model=DEFAULT_MODEL)
+    return search.cmd_search(args, Session.from_args, default_model=DEFAULT_MODEL)
 
 
 # ---------------------------------------------------------------------------------------------- serve
@@ -295,7 +172,7 @@ def cmd_search(args) -> int:
 def cmd_serve(args) -> int:
     from . import serve
 
-    return serve.run(args, lambda: Session(args))
+    return serve.run(args, lambda: Session.from_args(args))
 
 
 # ---------------------------------------------------------------------------------------------- bench

@@ -32,7 +32,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 import zipfile
@@ -45,6 +44,7 @@ import numpy as np
 
 from ..errors import AltCLIPError, UsageError
 from . import embed as _embed_mod
+from . import faults
 from .embed import (
     RESUME_HINT, _Hashing, _npy_header, _remove, _replace, _reserve, _Writing, exclusive_output, find_inputs,
 )
@@ -54,10 +54,6 @@ STATE = ".altclip-fast"
 DEFAULT_SHARD_SIZE = 100_000
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMB_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-# Fault injection for the tests: SIGKILL the driver right after that many shards are written.
-_CRASH_AFTER_SHARDS = "_ALTCLIP_FAST_CRASH_AFTER_SHARDS"
-_CRASH_AFTER_BATCHES = "_ALTCLIP_FAST_CRASH_AFTER_BATCHES"  # the local engine's
 
 
 # ---------------------------------------------------------------------------------------------- listing
@@ -544,8 +540,6 @@ def _local_compute(job, listing, layout, schema, shards, pending, session, worke
     interrupted run."""
     from tqdm import tqdm
 
-    crash_after_shards = int(os.environ.get(_CRASH_AFTER_SHARDS, "0") or 0)
-    crash_after_batches = int(os.environ.get(_CRASH_AFTER_BATCHES, "0") or 0)
     bs = job.batch_size
     saved = saved_inputs(layout.root, pending)
     todo = {k: [i for i in shards[k] if i not in saved] for k in pending}
@@ -568,15 +562,13 @@ def _local_compute(job, listing, layout, schema, shards, pending, session, worke
                 save_part(layout.root, k, embed_batch(listing, result, session, job))
                 bar.update(len(result[0]) + len(result[2]))
                 batches_saved += 1
-                if crash_after_batches and batches_saved >= crash_after_batches:  # the tests' kill
-                    os.kill(os.getpid(), signal.SIGKILL)
+                faults.after_batch(batches_saved)
             marker = assemble_shard(layout, k, schema, job.emb_dtype, "img" if listing.kind == "image" else "text",
                                     shards[k])
             for s in marker["skipped"]:
                 bar.write(skipped_line(s), file=sys.stderr)
             shards_written += 1
-            if crash_after_shards and shards_written >= crash_after_shards:
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.after_shard(shards_written)
         shutil.rmtree(layout.state / "parts", ignore_errors=True)
     except KeyboardInterrupt:
         raise _embed_mod.Interrupted(

@@ -39,7 +39,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import stat
 import sys
 import time
@@ -54,18 +53,13 @@ import numpy as np
 
 from ..errors import AltCLIPError, UsageError
 from ..model_files import read_json
+from . import faults
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
 )
 OUTPUT_SUFFIXES = (".npy", ".safetensors")
 PLAN_VERSION = 2
-
-# Fault injection for the tests: SIGKILL this process right after that many batch files are
-# written, the way an OOM killer or a lost SSH session would end a real run; or right after the
-# output is renamed into place, before its metadata is.
-_CRASH_AFTER_BATCHES = "_ALTCLIP_FAST_CRASH_AFTER_BATCHES"
-_CRASH_BEFORE_META = "_ALTCLIP_FAST_CRASH_BEFORE_META"
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -742,7 +736,6 @@ class _Run:
         job, inputs, session = self.job, self.inputs, self.session
         session.model  # loaded before the clock starts, so that the rate shown is the embedding rate
         print(f"altclip-fast: embedding with {session.describe()}", file=sys.stderr)
-        crash_after = int(os.environ.get(_CRASH_AFTER_BATCHES, "0") or 0)
         written = 0
         started = time.perf_counter()
         bar = tqdm(total=len(inputs.items), initial=self.reused, unit=" img" if inputs.kind == "image" else " text",
@@ -761,8 +754,7 @@ class _Run:
                 for i, reason in zip(skipped, reasons):
                     bar.write(f"altclip-fast: skipped {inputs.items[i]}: {reason}", file=sys.stderr)
                 bar.update(len(batch))
-                if crash_after and written >= crash_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                faults.after_batch(written)
         except KeyboardInterrupt:
             saved = len(self.batches) - len(self.pending) + written
             # --resume continues this run whether or not it was started with --overwrite.
@@ -809,8 +801,7 @@ class _Run:
         # last, is the mark of a finished run. Until the partial directory goes, --resume redoes this.
         _remove(files.meta)
         _replace(data_tmp, files.out, then)
-        if os.environ.get(_CRASH_BEFORE_META):
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.before_meta()
         _replace(meta_tmp, files.meta, then)
         shutil.rmtree(files.partial.directory)
         print(self._summary(embedded, skipped, seconds))

@@ -22,19 +22,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UsageError
-
-# Fault injection for the tests: the first actor call that finds no file at this path creates it and
-# kills its actor process, the way a lost node or an OOM kill would.
-_KILL_ACTOR_ONCE = "_ALTCLIP_FAST_RAY_KILL_ACTOR_ONCE"
-# And SIGKILL the driver once that many shards are written (the local engine's hook too).
-_CRASH_AFTER_SHARDS = "_ALTCLIP_FAST_CRASH_AFTER_SHARDS"
+from . import faults
+from .runtime import Session, SessionSettings, load_processor, resolve_model
 
 
 def _ray():
@@ -53,33 +48,12 @@ def _ensure_ray(address: str | None):
     return ray
 
 
-class _Session:
-    """What ``embed._embed`` needs, built inside an actor from picklable settings."""
-
-    def __init__(self, model_dir: str, dtype: str, device: str | None, image_size, exif_transpose: bool,
-                 fast_decode: bool, threads: int | None = None):
-        import torch
-
-        from .cli import load_model, load_processor
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if threads and self.device.type == "cpu":
-            # The actor's CPU share, whatever OMP_NUM_THREADS Ray derived for it.
-            torch.set_num_threads(threads)
-        self.dtype = getattr(torch, dtype)
-        self.image_size = image_size
-        self.interpolate_pos_encoding = image_size is not None
-        self.processor = load_processor(Path(model_dir), exif_transpose=exif_transpose, fast_decode=fast_decode,
-                                        image_size=image_size)
-        self.model = load_model(Path(model_dir), self.device, self.dtype)
-
-
 class Embedder:
     """The actor: a batch of uint8 crops (``crop``, ``ok``) or captions (``text``) -> ``embedding``."""
 
-    def __init__(self, settings: dict, kind: str, normalize: bool, kill_marker: str | None = None,
+    def __init__(self, settings: SessionSettings, kind: str, normalize: bool, kill_marker: str | None = None,
                  text_column: str | None = None):
-        self.session = _Session(**settings)
+        self.session = Session.from_settings(settings)
         self.kind, self.normalize, self.kill_marker, self.text_column = kind, normalize, kill_marker, text_column
 
     def __call__(self, batch: dict) -> dict:
@@ -87,9 +61,7 @@ class Embedder:
 
         from .embed import _embed
 
-        if self.kill_marker and not os.path.exists(self.kill_marker):
-            Path(self.kill_marker).touch()
-            os._exit(1)
+        faults.kill_actor_once(self.kill_marker)
         s = self.session
         dim = s.model.config.projection_dim
         n = len(batch["idx"])
@@ -166,7 +138,7 @@ class _ShardEmbedder(Embedder):
     (temporary name, then a rename) under ``DIR/.altclip-fast/parts/{shard}/``, and returns only
     counts, so that the embeddings never travel to the driver. A retried batch rewrites its parts."""
 
-    def __init__(self, settings: dict, kind: str, normalize: bool, root: str, kill_marker: str | None = None,
+    def __init__(self, settings: SessionSettings, kind: str, normalize: bool, root: str, kill_marker: str | None = None,
                  text_column: str | None = None):
         super().__init__(settings, kind, normalize, kill_marker, text_column)
         self.root = root
@@ -251,9 +223,7 @@ def _largest_node_cpus(ray) -> float:
 
 def _embed_records(ray, job, listing, session, records: list[dict], root: str, gpus: float, cpus: float) -> None:
     """Decode and embed ``records`` in Ray Data; the actors save each batch as part files."""
-    settings = {"model_dir": str(session.model_dir.resolve()), "dtype": str(session.dtype).removeprefix("torch."),
-                "device": None if gpus else "cpu", "image_size": getattr(session, "image_size", None),
-                "exif_transpose": job.exif_transpose, "fast_decode": job.fast_decode, "threads": max(1, int(cpus))}
+    settings = session.settings(device="auto" if gpus else "cpu", threads=max(1, int(cpus)))
     decode = _decoder(session.processor.image_processor)
     if listing.source == "webdataset":
         # The task that reads a tar decodes it too: the bytes never enter the object store. (A decode
@@ -269,7 +239,7 @@ def _embed_records(ray, job, listing, session, records: list[dict], root: str, g
     # max_task_retries default to -1 there).
     ds = ds.map_batches(
         _ShardEmbedder, fn_constructor_kwargs={"settings": settings, "kind": listing.kind, "normalize": job.normalize,
-                                               "root": root, "kill_marker": os.environ.get(_KILL_ACTOR_ONCE),
+                                               "root": root, "kill_marker": faults.actor_kill_marker(),
                                                "text_column": "text" if listing.texts is not None else None},
         compute=ray.data.ActorPoolStrategy(size=job.ray_workers), num_gpus=gpus, num_cpus=cpus,
         batch_size=job.batch_size, batch_format="numpy",
@@ -299,10 +269,9 @@ def compute(job, listing, layout, schema, shards, pending, session) -> None:
     kind = "img" if listing.kind == "image" else "text"
     assemble = ray.remote(num_cpus=min(1.0, resources.get("CPU", 1)), max_retries=3)(_assemble)
     queued = [(root, layout.width, schema, job.emb_dtype, kind, k, shards[k].start, shards[k].stop) for k in pending]
-    crash_after = int(os.environ.get(_CRASH_AFTER_SHARDS, "0") or 0)
     # Every shard is assembled at once, except under the tests' driver-kill fault: there one at a time, so
     # that exactly that many shards are written when the driver dies (tasks in flight would outlive it).
-    in_flight = 1 if crash_after else len(queued)
+    in_flight = 1 if faults.kills_after_shards() else len(queued)
     waiting = [assemble.remote(*args) for args in queued[:in_flight]]
     queued = queued[in_flight:]
     written = 0
@@ -311,8 +280,7 @@ def compute(job, listing, layout, schema, shards, pending, session) -> None:
         for skip in ray.get(done_refs[0]):  # reported as the local engine does, a shard at a time
             print(skipped_line(skip), file=sys.stderr)
         written += 1
-        if crash_after and written >= crash_after:  # the driver-kill fault of the tests
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.after_shard(written)
         if queued:
             waiting.append(assemble.remote(*queued.pop(0)))
     shutil.rmtree(layout.state / "parts", ignore_errors=True)
@@ -325,17 +293,15 @@ def embed_dataset(ds, model: str, *, column: str = "image", kind: str | None = N
     with an ``embedding`` column (float32; rows that cannot be decoded get zeros and ``ok=False``).
     ``cpus_per_worker``: as ``actor_cpus`` picks by default."""
     ray = _ray()
-    from .cli import load_processor, resolve_model
-
     model_dir = resolve_model(model)
     kind = kind or ("image" if column == "image" else "text")
     if gpus_per_worker is None:
         gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) else 0
     cpus = actor_cpus(ray.cluster_resources().get("CPU", 1), _largest_node_cpus(ray), workers, gpus_per_worker,
                       cpus_per_worker)
-    settings = {"model_dir": str(model_dir), "dtype": dtype or ("bfloat16" if gpus_per_worker else "float32"),
-                "device": None if gpus_per_worker else "cpu", "image_size": None, "exif_transpose": True,
-                "fast_decode": False, "threads": max(1, int(cpus))}
+    # "auto": each actor decides for the device it lands on (bf16 only where the GPU computes in it).
+    settings = SessionSettings(str(model_dir), "auto" if gpus_per_worker else "cpu", dtype or "auto",
+                               threads=max(1, int(cpus)))
     if kind == "image":
         ip = load_processor(model_dir).image_processor
         decode = _decoder(ip)

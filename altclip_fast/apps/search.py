@@ -74,12 +74,14 @@ class Index:
         than ``k`` columns when the collection is smaller)."""
         import torch
 
+        from ..devices import auto_device
+
         q = torch.from_numpy(np.array(queries, dtype=np.float32))  # a copy: read-only inputs are fine
         if q.ndim == 1:
             q = q[None]
         if q.shape[1] != self.dim:
             raise UsageError(f"queries have {q.shape[1]} dims, the collection {self.dim}")
-        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(self.device) if self.device else auto_device()
         chunk_rows = self.chunk_rows or (DEFAULT_CHUNK_ROWS if device.type == "cpu" else DEFAULT_GPU_CHUNK_ROWS)
         q = torch.nn.functional.normalize(q, dim=-1).to(device)
         k = min(k, len(self))

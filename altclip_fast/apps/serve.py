@@ -38,7 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import environment
 from ..errors import UsageError
+from . import faults
 from .serve_batching import Batcher, BatchFailed, QueueFull
 
 SERVE_MODULES = ("starlette", "uvicorn", "prometheus_client")
@@ -77,7 +79,6 @@ class ServeOptions:
     api_key: str | None = None
     health_ttl_s: float = HEALTH_TTL_S
     preprocess_workers: int = 4
-    slow_forward_ms: float = 0.0  # test and drill hook: hold every batch this long
     interpolate_pos_encoding: bool = False
 
 
@@ -112,8 +113,7 @@ class Engine:
 
     def run_batch(self, kind: str, payloads: list) -> np.ndarray:
         torch = self._torch
-        if self.options.slow_forward_ms:
-            time.sleep(self.options.slow_forward_ms / 1000)
+        faults.slow_forward()
         with torch.inference_mode():
             if kind == "text":
                 pad = self.processor.tokenizer.pad_token_id
@@ -564,7 +564,6 @@ def add_arguments(parser) -> None:
                         "(default: 4096)")
     g.add_argument("--preprocess-workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="threads that tokenize and decode images (default: up to 4)")
-    g.add_argument("--slow-forward-ms", type=float, default=0.0, help=__import__("argparse").SUPPRESS)
 
 
 def run(args, session_factory) -> int:
@@ -578,7 +577,7 @@ def run(args, session_factory) -> int:
         raise UsageError(f"--max-wait-ms must be at least 0, got {args.max_wait_ms}")
     if args.label_cache_size < 0:
         raise UsageError(f"--label-cache must be at least 0, got {args.label_cache_size}")
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = args.api_key or environment.get(API_KEY_ENV) or None
     import uvicorn
 
     try:
@@ -591,7 +590,7 @@ def run(args, session_factory) -> int:
         model_name=args.served_model_name or args.model, max_batch_tokens=args.max_batch_tokens,
         max_batch_images=args.max_batch_images, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes, max_request_items=args.max_request_items, api_key=api_key,
-        label_cache_size=args.label_cache_size, preprocess_workers=args.preprocess_workers, slow_forward_ms=args.slow_forward_ms,
+        label_cache_size=args.label_cache_size, preprocess_workers=args.preprocess_workers,
         interpolate_pos_encoding=session.interpolate_pos_encoding,
     )
     engine = Engine(session.model, session.processor, device=session.device, dtype=session.dtype, options=options)

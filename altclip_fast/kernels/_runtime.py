@@ -15,11 +15,11 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from triton.runtime.jit import JITFunction
+
+from .. import environment
 
 __all__ = ["ARCH_FAMILIES", "AUTOTUNE_LIMIT_VAR", "INTERPRETED", "SMEM_BUDGET", "arch_family", "capability",
            "check_device", "check_same_mode", "tuned_configs"]
@@ -83,7 +83,7 @@ AUTOTUNE_LIMIT_VAR = "ALTCLIP_FAST_AUTOTUNE_LIMIT"
 def tuned_configs(configs: list) -> list:
     """``configs`` as the autotuner gets them: the first ``$ALTCLIP_FAST_AUTOTUNE_LIMIT`` (read when the
     kernels are defined), or all of them. Lists put a safe, broadly good config first."""
-    raw = os.environ.get(AUTOTUNE_LIMIT_VAR, "").strip()
+    raw = environment.get(AUTOTUNE_LIMIT_VAR)
     if not raw:
         return configs
     try:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..devices import auto_device
 from ..dtypes import resolve_dtype
 from ..model_files import find_weights, read_json, resolve_model_dir
 from .checkpoint import Checkpoint, load_checkpoint
@@ -148,7 +149,7 @@ def _device_from_map(device_map) -> torch.device | None:
             )
         return devices.pop()
     if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return auto_device()
     if device_map == "disk":
         raise AltCLIPCompatError(f"from_pretrained: device_map='disk' is not supported: {_ONE_DEVICE}")
     if isinstance(device_map, int) and not isinstance(device_map, bool):

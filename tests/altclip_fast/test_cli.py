@@ -353,10 +353,10 @@ def test_nothing_readable_is_an_error_not_an_empty_file(work):
 
 def test_classify_embeds_labels_once(work, monkeypatch, capsys):
     """Many image batches, one text-tower call for the labels."""
-    from altclip_fast.apps import cli
+    from altclip_fast.apps import cli, runtime
 
     calls = {"text": 0, "image": 0}
-    real_load = cli.load_model
+    real_load = runtime.load_model
 
     def counting_load(*args, **kwargs):
         model = real_load(*args, **kwargs)
@@ -373,7 +373,7 @@ def test_classify_embeds_labels_once(work, monkeypatch, capsys):
         model.get_text_features, model.get_image_features = count_text, count_image
         return model
 
-    monkeypatch.setattr(cli, "load_model", counting_load)
+    monkeypatch.setattr(runtime, "load_model", counting_load)
     monkeypatch.chdir(work)
     images = ["photos/img0.jpg", "photos/img1.png", "photos/trip/img2.jpg"]
     assert cli.main(["classify", *images, "--labels", "cat", "dog", "--batch-size", "1", "--json",
@@ -398,22 +398,33 @@ def test_usage_error_is_public_and_exits_2():
 
 
 def test_device_and_dtype_choice():
-    from altclip_fast.apps import cli
+    from altclip_fast.apps import runtime
 
     cpu = torch.device("cpu")
-    assert cli.pick_device("cpu") == cpu
-    assert cli.auto_dtype(cpu) == torch.float32
-    assert cli.pick_dtype("auto", cpu) == torch.float32 and cli.pick_dtype("bf16", cpu) == torch.bfloat16
-    assert [cli.pick_dtype(name, cpu) for name in ("fp32", "float32", "bfloat16")] == [
+    assert runtime.pick_device("cpu") == cpu
+    assert runtime.pick_dtype("auto", cpu) == torch.float32 and runtime.pick_dtype("bf16", cpu) == torch.bfloat16
+    assert [runtime.pick_dtype(name, cpu) for name in ("fp32", "float32", "bfloat16")] == [
         torch.float32, torch.float32, torch.bfloat16]
-    with pytest.raises(cli.UsageError, match="fp16 is not supported on CPU"):
-        cli.pick_dtype("fp16", cpu)
-    with pytest.raises(cli.UsageError, match="not a device"):
-        cli.pick_device("tpu:banana")
+    with pytest.raises(runtime.UsageError, match="fp16 is not supported on CPU"):
+        runtime.pick_dtype("fp16", cpu)
+    with pytest.raises(runtime.UsageError, match="not a device"):
+        runtime.pick_device("tpu:banana")
     if torch.cuda.is_available():
-        gpu = cli.pick_device("auto")
-        assert gpu.type == "cuda" and cli.auto_dtype(gpu) in (torch.bfloat16, torch.float16)
+        gpu = runtime.pick_device("auto")
+        assert gpu.type == "cuda" and runtime.pick_dtype("auto", gpu) in (torch.bfloat16, torch.float16)
     else:
-        assert cli.pick_device("auto") == cpu
-        with pytest.raises(cli.UsageError, match="CUDA is not available"):
-            cli.pick_device("cuda")
+        assert runtime.pick_device("auto") == cpu
+        with pytest.raises(runtime.UsageError, match="CUDA is not available"):
+            runtime.pick_device("cuda")
+
+
+@pytest.mark.parametrize("capability,expected", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                                  ((9, 0), torch.bfloat16)])
+def test_auto_dtype_asks_the_card_for_bf16(monkeypatch, capability, expected):
+    """bf16 from Ampere on; a Turing card gets fp16 even where torch would emulate bf16 on it."""
+    from altclip_fast import devices
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert devices.auto_dtype(torch.device("cuda")) == expected
+    assert devices.auto_dtype(torch.device("cpu")) == torch.float32

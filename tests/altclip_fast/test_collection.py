@@ -255,12 +255,12 @@ def test_a_ray_actor_runs_torch_on_its_cpu_share(work):
     """Ray derives OMP_NUM_THREADS from an actor's CPUs; the actor sets torch's threads itself too."""
     import torch
 
-    from altclip_fast.apps.ray_engine import _Session
+    from altclip_fast.apps.runtime import Session, SessionSettings
 
     before = torch.get_num_threads()
     try:
         want = 1 if before > 1 else 2
-        _Session(str(work / "model"), "float32", "cpu", None, True, False, threads=want)
+        Session.from_settings(SessionSettings(str(work / "model"), "cpu", "float32", threads=want))
         assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)

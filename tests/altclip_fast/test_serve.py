@@ -44,8 +44,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 class Server:
     """``altclip-fast serve`` in its own process group; ``url`` once it says it listens."""
 
-    def __init__(self, model_dir: Path, *options: str, timeout: float = 120):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1",
+    def __init__(self, model_dir: Path, *options: str, timeout: float = 120, slow_forward_ms: float = 0):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "_ALTCLIP_FAST_SLOW_FORWARD_MS": str(slow_forward_ms),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         env.pop("ALTCLIP_FAST_API_KEY", None)
         command = [sys.executable, "-m", "altclip_fast.apps.cli", "serve", "--model", str(model_dir),
@@ -369,8 +369,8 @@ def test_a_bad_image_fails_its_own_request_naming_the_item(client, direct, name)
 @pytest.fixture(scope="module")
 def slow_server(model_dir):
     """Batches held 400 ms each, a queue of 4 items, two short texts per batch."""
-    srv = Server(model_dir, "--slow-forward-ms", "400", "--max-queue", "4", "--max-batch-tokens", "16",
-                 "--max-wait-ms", "5")
+    srv = Server(model_dir, "--max-queue", "4", "--max-batch-tokens", "16",
+                 "--max-wait-ms", "5", slow_forward_ms=400)
     yield srv
     srv.kill()
 
@@ -409,7 +409,7 @@ def test_a_client_that_leaves_is_dropped_from_its_batch(slow_server):
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits_0(model_dir, direct):
-    srv = Server(model_dir, "--slow-forward-ms", "500", "--max-batch-tokens", "8")
+    srv = Server(model_dir, "--max-batch-tokens", "8", slow_forward_ms=500)
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as client, ThreadPoolExecutor(3) as pool:
             texts = ["a photo of a cat", "ein foto", "un chat noir"]

@@ -106,10 +106,10 @@ def steps(out: Path) -> list[Step]:
         Step("tests-gpu", "GPU-only tests (bf16 kernels, torch.compile, CUDA graphs)", 80,
              pytest + ["-m", "gpu", "tests"], env=ONE_CONFIG),
         Step("tests-model-triton", "the whole model through the Triton backend", 50,
-             pytest + ["tests/altclip_fast/test_model_triton.py", "tests/altclip_fast/test_dispatch.py",
-                       "tests/altclip_fast/test_gemm_choice.py"],
+             pytest + ["tests/altclip_fast/modeling/test_model_triton.py", "tests/altclip_fast/ops/test_dispatch.py",
+                       "tests/altclip_fast/ops/test_gemm_choice.py"],
              # Under the interpreter the whole file is slow: the fp32 parity test shows the path works.
-             dry=pytest + ["tests/altclip_fast/test_model_triton.py", "-k", "test_fp32_through_the_kernels", "-x"],
+             dry=pytest + ["tests/altclip_fast/modeling/test_model_triton.py", "-k", "test_fp32_through_the_kernels", "-x"],
              env=ONE_CONFIG),
         Step("tests-kernels", "kernel suites on CUDA tensors (fp32, fp16)", 80,
              pytest + ["tests/kernels", "-m", "not gpu", "--ignore-glob=*_aot.py"], env=ONE_CONFIG),

@@ -3,7 +3,7 @@
 A ``Launch`` is one specialisation a real launch compiles: the kernel, its non-tile constexpr flags, the
 Triton type of each pointer, and the arguments that arrive 16-divisible (pointers 16-byte aligned),
 which Triton specialises on. ``altclip_launches()`` lists them for BAAI/AltCLIP's shapes in every dtype
-the model runs on a GPU; ``tests/altclip_fast/test_compile_facts_coverage.py`` records the launches of
+the model runs on a GPU; ``tests/altclip_fast/modeling/test_compile_facts_coverage.py`` records the launches of
 the full-size model and checks that each one is listed here and is at least as aligned as declared, so
 this list cannot drift from the model. ``tests/kernels/test_compile_facts.py`` compiles every job.
 

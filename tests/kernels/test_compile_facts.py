@@ -2,7 +2,7 @@
 H100/H200 (sm_90), checked without a GPU.
 
 Each launch the model makes at BAAI/AltCLIP's shapes (``tests/kernels/compile_facts.py``; the model is
-checked against that list in ``tests/altclip_fast/test_compile_facts_coverage.py``) is compiled under
+checked against that list in ``tests/altclip_fast/modeling/test_compile_facts_coverage.py``) is compiled under
 every autotune config the launcher may pick there. From ptxas and the PTX come registers, spills,
 shared memory, and which of wgmma, mma.sync and cp.async appear. A change that makes a kernel spill,
 crowd the register ceiling or lose its tensor-core or pipelined path fails here the day it is made.

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 def build_checkpoint(directory: Path, arch: str) -> Path:
     if (directory / "config.json").is_file():
         return directory
-    from altclip_fast.apps.benchmark import _write_checkpoint, random_state_dict
+    from altclip_fast.apps.benchmark import write_checkpoint, random_state_dict
     from altclip_fast.modeling.config import AltCLIPConfig
     from tests.altclip_fast.processor_fixtures import write_preprocessor_config, write_tokenizer_files
     from tests.checkpoints import tiny_config
@@ -44,7 +44,7 @@ def build_checkpoint(directory: Path, arch: str) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     config = AltCLIPConfig() if arch == "baai" else tiny_config(vocab_size=250002, image_size=224, patch_size=14)
-    _write_checkpoint(config, random_state_dict(config), torch.bfloat16, str(directory))
+    write_checkpoint(config, random_state_dict(config), torch.bfloat16, str(directory))
     write_tokenizer_files(directory)
     size = config.vision_config.image_size
     write_preprocessor_config(directory, shortest_edge=size, crop=size)

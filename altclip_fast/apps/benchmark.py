@@ -32,10 +32,8 @@ import gc
 import json
 import math
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +43,8 @@ from ..devices import auto_device
 from ..dtypes import resolve_dtype
 from ..modeling.config import AltCLIPConfig
 from ..modeling.model import AltCLIPModel, checkpoint_shapes
+from .benchmark_report import Report
+from .benchmark_timing import graphed_runners, measure
 
 __all__ = ["add_arguments", "run", "main", "random_state_dict", "mixed_length_texts", "model_bytes"]
 
@@ -150,90 +150,6 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-# ---------------------------------------------------------------------------------------------- timing
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: str, calls: int = 1) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-# A timed round repeats the call until it lasts about this long: one call of a small batch on a GPU
-# takes a millisecond or less, too short for one perf_counter pair to time it well.
-MIN_ROUND_S = 0.2
-
-
-def _measure(runners: dict, items: int, rounds: int, device: str) -> dict:
-    """Warm up each runner, then ``rounds`` interleaved timings (the order alternates per round).
-    A round of a runner is ``calls_per_round`` back-to-back calls, chosen from the warm-up calls' time."""
-    names = list(runners)
-    times = {n: [] for n in names}
-    peaks = {n: 0 for n in names}
-    calls, first = {}, {}
-    for n in names:
-        # The first call pays for allocations, autotuning, compilation and oneDNN primitive creation:
-        # reported apart (first_call_s), since on a cold GPU it is what a short run cannot afford.
-        first[n] = _timed(runners[n], device)
-        once = _timed(runners[n], device)
-        if once < MIN_ROUND_S:  # short calls are cheap to time again, and the second may still be warming
-            once = min(once, _timed(runners[n], device))
-        calls[n] = max(1, math.ceil(MIN_ROUND_S / max(once, 1e-6)))
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else reversed(names):
-            if device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            times[n].append(_timed(runners[n], device, calls[n]) / calls[n])
-            if device.startswith("cuda"):
-                peaks[n] = max(peaks[n], torch.cuda.max_memory_allocated())
-    result = {}
-    for n in names:
-        med = statistics.median(times[n])
-        result[n] = {
-            "per_s": items / med,
-            "median_s": med,
-            "times_s": times[n],
-            "calls_per_round": calls[n],
-            "first_call_s": first[n],
-            "peak_mem_mb": peaks[n] / 2**20 if device.startswith("cuda") else None,
-        }
-    if len(names) == 2:
-        fast, base = names
-        per_round = [b / f for f, b in zip(times[fast], times[base])]
-        result["ratio"] = result[base]["median_s"] / result[fast]["median_s"]
-        result["ratio_min"], result["ratio_max"] = min(per_round), max(per_round)
-    return result
-
-
-def _cuda_graphed(fn):
-    """``fn`` (which must always get the same input tensors) captured in a CUDA graph: a replay launches
-    every kernel at once, so the host's per-launch cost leaves the latency. Warm-up runs on a side stream
-    first, as capture requires, and finishes any autotuning."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay():
-        graph.replay()
-        return out
-
-    return replay
-
-
 # ---------------------------------------------------------------------------------------------- setup
 
 
@@ -297,7 +213,7 @@ def _load_models(args, settings: Settings, compare: bool, oracle_needs_files: bo
         weights = ("BAAI/AltCLIP" if args.arch == "baai" else "tiny") + " architecture, random weights"
         models = Models(config, {"altclip_fast": fast}, weights, state, None)
         if compare or oracle_needs_files:
-            models.directory = _write_checkpoint(config, state, torch.float32 if oracle_needs_files else dtype, tmp)
+            models.directory = write_checkpoint(config, state, torch.float32 if oracle_needs_files else dtype, tmp)
     if compare:
         hf = models.timed["transformers"] = _load_transformers(models.directory, dtype, device)
         if args.transformers_compile:
@@ -306,7 +222,7 @@ def _load_models(args, settings: Settings, compare: bool, oracle_needs_files: bo
     return models
 
 
-def _write_checkpoint(config: AltCLIPConfig, state: dict, dtype: torch.dtype, directory: str) -> str:
+def write_checkpoint(config: AltCLIPConfig, state: dict, dtype: torch.dtype, directory: str) -> str:
     """The random weights as a checkpoint transformers reads. In fp32 when the fp32 oracle loads them
     too; transformers rounds them to the benchmark dtype on load, as ``.to(dtype)`` does."""
     from safetensors.torch import save_file
@@ -392,7 +308,7 @@ def _image_row(models: Models, batch: int, settings: Settings, seed: int) -> dic
     runners = _image_runners(models.timed, models.config, batch, settings, seed)
     with torch.inference_mode():
         return {"workload": f"images b={batch}", "unit": "images/s", "batch": batch,
-                **_measure(runners, batch, settings.rounds, settings.device)}
+                **measure(runners, batch, settings.rounds, settings.device)}
 
 
 def _text_row(models: Models, texts, settings: Settings, args) -> dict:
@@ -403,44 +319,17 @@ def _text_row(models: Models, texts, settings: Settings, args) -> dict:
     with torch.inference_mode():
         return {
             "workload": f"texts {len(ids)} ({args.min_tokens}-{args.max_tokens} tok, padded {ids.shape[1]}, {real:.0%} real)",
-            "unit": "texts/s", "batch": len(ids), **_measure(runners, len(ids), settings.rounds, settings.device),
+            "unit": "texts/s", "batch": len(ids), **measure(runners, len(ids), settings.rounds, settings.device),
         }
 
 
 def _cuda_graph_row(models: Models, settings: Settings, seed: int, notes: list) -> dict | None:
-    graphed = _graphed_runners(_image_runners(models.timed, models.config, 1, settings, seed), notes)
+    graphed = graphed_runners(_image_runners(models.timed, models.config, 1, settings, seed), notes)
     if graphed is None:
         return None
     with torch.inference_mode():
         return {"workload": "images b=1, CUDA graph", "unit": "images/s", "batch": 1,
-                **_measure(graphed, 1, settings.rounds, settings.device)}
-
-
-class _Report:
-    """The results as they come: each row is printed and the JSON rewritten as soon as it is measured,
-    so a run stopped by a time limit keeps what it measured."""
-
-    def __init__(self, meta: dict, memory: dict, accuracy: dict | None, json_path: str | None, compare: bool,
-                 gpu: bool):
-        self.data = {"meta": meta, "model_bytes": memory, "results": [], "accuracy": accuracy}
-        self.json_path = json_path
-        self.table = _Table(meta, memory, compare, gpu)
-
-    def record(self, row: dict | None) -> None:
-        if row is None:
-            return
-        self.data["results"].append(row)
-        self.table.row(row)
-        self.save()
-
-    def save(self) -> None:
-        if self.json_path:
-            Path(self.json_path).write_text(json.dumps(self.data, indent=1))
-
-    def finish(self, memory: dict) -> None:
-        self.data["model_bytes"] = memory
-        self.table.summary(self.data["meta"], memory, self.data["results"], self.data["accuracy"])
-        self.save()
+                **measure(graphed, 1, settings.rounds, settings.device)}
 
 
 def _device_memory(meta: dict, gpu: bool) -> None:
@@ -489,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
         gc.collect()
 
         meta = _meta(settings, models, transformers, oracle, notes)
-        report = _Report(meta, model_bytes(models.fast), accuracy, args.json, compare, settings.gpu)
+        report = Report(meta, model_bytes(models.fast), accuracy, args.json, compare, settings.gpu)
         for b in settings.batches:
             report.record(_image_row(models, b, settings, args.seed))
         if texts is not None:
@@ -501,83 +390,6 @@ def run(args: argparse.Namespace) -> int:
     _device_memory(meta, settings.gpu)
     report.finish(model_bytes(models.fast))
     return 0
-
-
-def _graphed_runners(runners: dict, notes: list) -> dict | None:
-    """Each runner captured in a CUDA graph; a model whose capture fails is left out, with a note.
-    None when ours cannot be captured (then there is nothing to compare)."""
-    graphed = {}
-    for name, fn in runners.items():
-        try:
-            with torch.inference_mode():
-                graphed[name] = _cuda_graphed(fn)
-        except Exception as exc:  # noqa: BLE001 - a failed capture is a finding to report, not a crash
-            notes.append(f"CUDA graph capture failed for {name}: {type(exc).__name__}: {str(exc)[:200]}")
-            print(f"note: {notes[-1]}", flush=True)
-    return graphed if "altclip_fast" in graphed else None
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB"
-
-
-def _memory_line(memory: dict) -> str:
-    return (f"altclip_fast model memory: {_mb(memory['parameters'])} parameters (checkpoint) + "
-            f"{_mb(memory['derived'])} derived = {_mb(memory['resident'])} resident")
-
-
-class _Table:
-    """The human-readable report: a header, one line per workload as it is measured, then a summary."""
-
-    def __init__(self, meta, memory, compare, gpu):
-        self.compare = compare
-        print(f"altclip-fast bench: {meta['weights']}, {meta['dtype']}, {meta['device']}, torch {meta['torch']}"
-              + (f", transformers {meta['transformers']}" if meta["transformers"] else "")
-              + f", median of {meta['rounds']} interleaved rounds")
-        print(_memory_line(memory))
-        for note in meta["notes"]:
-            print(f"note: {note}")
-        header = f"{'workload':<50} {'altclip_fast':>17}"
-        if compare:
-            header += f" {'transformers':>17} {'ratio':>7} {'(min-max)':>13}"
-        if gpu:
-            header += f" {'peak MB ours/theirs':>20}"
-        print(header, flush=True)
-
-    def row(self, r) -> None:
-        both = self.compare and "transformers" in r
-        line = f"{r['workload']:<50} {r['altclip_fast']['per_s']:>8.2f} {r['unit']:<8}"
-        if both:
-            line += f" {r['transformers']['per_s']:>8.2f} {r['unit']:<8}"
-            line += f" {r['ratio']:>6.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
-        elif self.compare:
-            line += f" {'-':>17} {'-':>7} {'':>13}"
-        if r["altclip_fast"]["peak_mem_mb"] is not None:
-            theirs = f"/{r['transformers']['peak_mem_mb']:.0f}" if both else ""
-            line += f" {r['altclip_fast']['peak_mem_mb']:>12.0f}{theirs}"
-        print(line, flush=True)
-
-    def summary(self, meta, memory, results, accuracy) -> None:
-        print(_memory_line(memory))
-        if meta.get("process_peak_rss_mb"):
-            print(f"peak memory (CPU: whole process, every model loaded): {meta['process_peak_rss_mb']:.0f} MB")
-        for r in results:
-            if r["batch"] == 1:  # one item per call: its time is the latency a single request sees
-                line = f"latency, {r['workload']}: altclip_fast {1e3 / r['altclip_fast']['per_s']:.2f} ms"
-                if "transformers" in r:
-                    line += f", transformers {1e3 / r['transformers']['per_s']:.2f} ms"
-                print(line)
-        if meta.get("gemm_paths"):
-            won = [p["choice"] for p in meta["gemm_paths"]]
-            print(f"GEMM path per shape (measured, {meta['gemm_mode']}): Triton kernel for {won.count('triton')}, "
-                  f"torch (cuBLAS) for {won.count('torch')} of {len(won)} shapes; details in the JSON")
-        elif meta.get("gemm_mode") in ("triton", "torch"):
-            print(f"GEMM path forced by ALTCLIP_FAST_GEMM={meta['gemm_mode']}")
-        if accuracy:
-            for name, err in accuracy.items():
-                print(f"max |error| vs fp32 reference ({meta['oracle']}), {name}: "
-                      f"image embeds {err['image_embeds_max_abs']:.2e}, "
-                      f"text embeds {err['text_embeds_max_abs']:.2e}")
 
 
 def main(argv=None) -> int:

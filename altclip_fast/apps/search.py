@@ -83,59 +83,17 @@ class Index:
             raise UsageError(f"queries have {q.shape[1]} dims, the collection {self.dim}")
         device = torch.device(self.device) if self.device else auto_device()
         chunk_rows = self.chunk_rows or (DEFAULT_CHUNK_ROWS if device.type == "cpu" else DEFAULT_GPU_CHUNK_ROWS)
-        q = torch.nn.functional.normalize(q, dim=-1).to(device)
-        k = min(k, len(self))
-        buf = None
-        best_scores = torch.full((q.shape[0], 0), float("-inf"), device=device)
-        best_ids = torch.zeros((q.shape[0], 0), dtype=torch.int64, device=device)
-        offset = 0
+        scan = _Scan(torch.nn.functional.normalize(q, dim=-1).to(device), min(k, len(self)), chunk_rows, self.dim)
         starts = []
         for si, shard in enumerate(self.shards):
-            starts.append(offset)
-            inv_norms = self._inv_norms[si]
-            fresh = inv_norms is None
-            if fresh:
-                inv_norms = torch.empty(len(shard), device=device)
-            elif inv_norms.device != device:
-                inv_norms = inv_norms.to(device)
-            for begin in range(0, len(shard), chunk_rows):
-                part = shard[begin:begin + chunk_rows]
-                n = len(part)
-                if part.dtype != np.float16:
-                    # float32 needs no widening: on a CPU the product reads the mapped pages directly
-                    # (np.asarray is then a view); anything else is converted by numpy
-                    rows = torch.from_numpy(np.asarray(part, dtype=np.float32)).to(device)
-                else:
-                    # float16 crosses to the device at its stored width; torch widens it there,
-                    # threaded, into one buffer reused for every chunk
-                    if buf is None:
-                        buf = torch.empty((chunk_rows, self.dim), device=device)
-                    rows = buf[:n]
-                    rows.copy_(torch.from_numpy(part).to(device))
-                if fresh:
-                    norms = torch.linalg.vector_norm(rows, dim=1)
-                    inv_norms[begin:begin + n] = norms.clamp_min_(_NORM_EPS).reciprocal_()
-                # cosine = (q . row) / |row|: scaling the [q, n] scores is cheaper than normalising
-                # the [n, dim] rows
-                scores = (q @ rows.T).mul_(inv_norms[begin:begin + n])
-                top = scores.topk(min(k, n), dim=1)
-                chunk_ids = top.indices.add_(offset + begin)
-                if best_scores.shape[1] == 0:
-                    best_scores, best_ids = top.values, chunk_ids
-                else:
-                    merged = torch.cat([best_scores, top.values], dim=1)
-                    ids = torch.cat([best_ids, chunk_ids], dim=1)
-                    top = merged.topk(min(k, merged.shape[1]), dim=1)
-                    best_scores, best_ids = top.values, ids.gather(1, top.indices)
-            if fresh:
-                self._inv_norms[si] = inv_norms
-            offset += len(shard)
-        flat = best_ids.cpu().numpy()
+            starts.append(scan.offset)
+            self._inv_norms[si] = scan.shard(shard, self._inv_norms[si])
+        flat = scan.best_ids.cpu().numpy()
         starts_np = np.asarray(starts)
         which = np.searchsorted(starts_np, flat, side="right") - 1
         shard_ids = np.asarray(self.shard_ids)[which]
         rows = flat - starts_np[which]
-        return best_scores.cpu().numpy(), shard_ids, rows
+        return scan.best_scores.cpu().numpy(), shard_ids, rows
 
     def metadata(self, shard: int, row: int) -> dict:
         import pyarrow.parquet as pq
@@ -148,6 +106,69 @@ class Index:
         scores, shards, rows = self.search(query, k)
         return [Hit(float(s), int(sh), int(r), self.metadata(int(sh), int(r)))
                 for s, sh, r in zip(scores[0], shards[0], rows[0])]
+
+
+class _Scan:
+    """One search's pass over the shards, chunk by chunk, keeping the running top ``k`` per query."""
+
+    def __init__(self, q, k: int, chunk_rows: int, dim: int):
+        import torch
+
+        self.q, self.k, self.chunk_rows, self.dim, self.offset = q, k, chunk_rows, dim, 0
+        self.best_scores = torch.full((q.shape[0], 0), float("-inf"), device=q.device)
+        self.best_ids = torch.zeros((q.shape[0], 0), dtype=torch.int64, device=q.device)
+        self._buf = None  # float16 shards are widened on the device into this one buffer
+
+    def shard(self, shard: np.ndarray, inv_norms):
+        """Scan one shard; returns its inverse row norms (computed here the first time)."""
+        import torch
+
+        fresh = inv_norms is None
+        if fresh:
+            inv_norms = torch.empty(len(shard), device=self.q.device)
+        elif inv_norms.device != self.q.device:
+            inv_norms = inv_norms.to(self.q.device)
+        for begin in range(0, len(shard), self.chunk_rows):
+            rows = self._rows(shard[begin:begin + self.chunk_rows])
+            n = len(rows)
+            if fresh:
+                norms = torch.linalg.vector_norm(rows, dim=1)
+                inv_norms[begin:begin + n] = norms.clamp_min_(_NORM_EPS).reciprocal_()
+            # cosine = (q . row) / |row|: scaling the [q, n] scores is cheaper than normalising the
+            # [n, dim] rows
+            scores = (self.q @ rows.T).mul_(inv_norms[begin:begin + n])
+            self._merge(scores, self.offset + begin)
+        self.offset += len(shard)
+        return inv_norms
+
+    def _rows(self, part: np.ndarray):
+        import torch
+
+        device = self.q.device
+        if part.dtype != np.float16:
+            # float32 needs no widening: on a CPU the product reads the mapped pages directly
+            # (np.asarray is then a view); anything else is converted by numpy
+            return torch.from_numpy(np.asarray(part, dtype=np.float32)).to(device)
+        # float16 crosses to the device at its stored width; torch widens it there, threaded, into
+        # one buffer reused for every chunk
+        if self._buf is None:
+            self._buf = torch.empty((self.chunk_rows, self.dim), device=device)
+        rows = self._buf[:len(part)]
+        rows.copy_(torch.from_numpy(part).to(device))
+        return rows
+
+    def _merge(self, scores, first_id: int) -> None:
+        import torch
+
+        top = scores.topk(min(self.k, scores.shape[1]), dim=1)
+        chunk_ids = top.indices.add_(first_id)
+        if self.best_scores.shape[1] == 0:
+            self.best_scores, self.best_ids = top.values, chunk_ids
+            return
+        merged = torch.cat([self.best_scores, top.values], dim=1)
+        ids = torch.cat([self.best_ids, chunk_ids], dim=1)
+        top = merged.topk(min(self.k, merged.shape[1]), dim=1)
+        self.best_scores, self.best_ids = top.values, ids.gather(1, top.indices)
 
 
 def _plan(root: Path) -> dict:

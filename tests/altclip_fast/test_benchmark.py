@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from altclip_fast.apps import benchmark
+from altclip_fast.apps import benchmark, benchmark_timing
 
 ARGS = ["--arch", "tiny", "--rounds", "1", "--batches", "1,3", "--texts", "5", "--max-tokens", "12"]
 
@@ -98,7 +98,7 @@ def test_rounds_repeat_short_calls_and_report_per_call_times():
     def nap():
         time.sleep(0.01)
 
-    res = benchmark._measure({"a": nap, "b": lambda: time.sleep(0.25)}, items=4, rounds=3, device="cpu")
+    res = benchmark_timing.measure({"a": nap, "b": lambda: time.sleep(0.25)}, items=4, rounds=3, device="cpu")
     # A 10 ms call is repeated until a round lasts ~MIN_ROUND_S; a 250 ms call runs once per round.
     assert 10 <= res["a"]["calls_per_round"] <= 20 and res["b"]["calls_per_round"] == 1
     assert all(0.0095 < t < 0.02 for t in res["a"]["times_s"]) and len(res["a"]["times_s"]) == 3
@@ -132,7 +132,7 @@ def test_gpu_cuda_graph_replays_the_model_on_new_input_contents():
                                          device="cuda")
     pixels = benchmark._pixels(config, 1, seed=0).to("cuda", torch.float16)
     with torch.inference_mode():
-        replay = benchmark._cuda_graphed(lambda: model.get_image_features(pixel_values=pixels))
+        replay = benchmark_timing.cuda_graphed(lambda: model.get_image_features(pixel_values=pixels))
         for seed in (1, 2):  # a graph reads its input buffer in place: new contents, new answer
             pixels.copy_(benchmark._pixels(config, 1, seed=seed))
             torch.testing.assert_close(replay(), model.get_image_features(pixel_values=pixels))

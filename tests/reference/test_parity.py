@@ -14,22 +14,18 @@ transformers = pytest.importorskip("transformers")
 
 import altclip_fast.reference as reference  # noqa: E402
 from altclip_fast.modeling.config import AltCLIPConfig  # noqa: E402
-from tests.checkpoints import (  # noqa: E402
-    MIXED_LENGTHS,
-    ODD_CONFIGS,
-    make_pixels,
-    make_text_batch,
-    random_hf_model,
-    save_hf,
+from tests.checkpoints import ODD_CONFIGS, make_text_batch, random_hf_model, save_hf  # noqa: E402
+from tests.parity import rel_err  # noqa: E402
+from tests.reference.parity_checks import (  # noqa: E402
+    FULL_TOL,
+    LENGTHS,
+    TOL,
+    assert_model_matches,
+    assert_tower_matches,
+    inputs,
 )
-from tests.parity import logits_err, rel_err  # noqa: E402
-
-TOL = 2e-6  # relative error, every tensor
-FULL_TOL = 5e-6
-LOGITS_TOL = 1e-6  # cosine units
 
 CONFIGS = ODD_CONFIGS
-LENGTHS = MIXED_LENGTHS
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -40,30 +36,6 @@ def pair(request, tmp_path_factory):
     directory = save_hf(hf, tmp_path_factory.mktemp(request.param))
     ours = reference.AltCLIPModel.from_pretrained(directory)
     return config, hf, ours
-
-
-def inputs(config: AltCLIPConfig, lengths=LENGTHS, images: int = 3):
-    ids, mask = make_text_batch(config, lengths, seed=1)
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=make_pixels(config, images, seed=2))
-
-
-def assert_tower_matches(ours, theirs, tol, *, hidden_states=True):
-    assert rel_err(ours.last_hidden_state, theirs.last_hidden_state) < tol
-    assert rel_err(ours.pooler_output, theirs.pooler_output) < tol
-    if hidden_states:
-        assert len(ours.hidden_states) == len(theirs.hidden_states)
-        for i, (a, b) in enumerate(zip(ours.hidden_states, theirs.hidden_states)):
-            assert rel_err(a, b) < tol, f"hidden state {i}"
-
-
-def assert_model_matches(ours, theirs, logit_scale, tol):
-    # Square batches make logits_per_image and logits_per_text the same shape: compare by name.
-    assert logits_err(ours.logits_per_image, theirs.logits_per_image, logit_scale) < LOGITS_TOL
-    assert logits_err(ours.logits_per_text, theirs.logits_per_text, logit_scale) < LOGITS_TOL
-    assert rel_err(ours.text_embeds, theirs.text_embeds) < tol
-    assert rel_err(ours.image_embeds, theirs.image_embeds) < tol
-    assert_tower_matches(ours.text_model_output, theirs.text_model_output, tol)
-    assert_tower_matches(ours.vision_model_output, theirs.vision_model_output, tol)
 
 
 @torch.no_grad()

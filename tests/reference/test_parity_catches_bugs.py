@@ -1,6 +1,6 @@
 """The parity tests must be able to fail. Each case plants one classic AltCLIP bug in a copy of
 ``reference/modeling.py`` (a source mutation, so the real module needs no test hooks) and checks that
-the parity assertions of ``test_parity`` reject the mutant, while the unmutated copy passes.
+the parity assertions of ``parity_checks`` (test_parity's) reject the mutant, while the unmutated copy passes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import altclip_fast.reference.modeling  # noqa: E402
 from altclip_fast import reference  # noqa: E402
 from tests.checkpoints import random_hf_model, save_hf, tiny_config  # noqa: E402
-from tests.reference.test_parity import TOL, assert_model_matches, inputs  # noqa: E402
+from tests.reference.parity_checks import TOL, assert_model_matches, inputs  # noqa: E402
 
 SOURCE = Path(reference.modeling.__file__).read_text()
 

@@ -433,13 +433,13 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(model_dir, direct):
 def test_health_turns_unhealthy_when_the_model_breaks(model_dir):
     from starlette.testclient import TestClient
 
-    from altclip_fast.apps.serve import Engine, ServeOptions, create_app
+    from altclip_fast.apps.serve import ServedModel, ServeOptions, create_app
 
     model = AltCLIPModel.from_pretrained(model_dir).eval()
     options = ServeOptions(health_ttl_s=0)
-    engine = Engine(model, AltCLIPProcessor.from_pretrained(model_dir), device=torch.device("cpu"),
-                    dtype=torch.float32, options=options)
-    with TestClient(create_app(engine, options)) as client:
+    served = ServedModel(model, AltCLIPProcessor.from_pretrained(model_dir), device=torch.device("cpu"),
+                         dtype=torch.float32)
+    with TestClient(create_app(served, options)) as client:
         assert client.get("/health").status_code == 200
         with torch.no_grad():
             model.visual_projection.weight.fill_(float("nan"))

@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-for _name in ("transformers", "starlette", "prometheus_client", "httpx"):
-    pytest.importorskip(_name)
-
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:

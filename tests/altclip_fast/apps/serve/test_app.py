@@ -15,7 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from tests.altclip_fast.apps.serve.helpers import (
+for _name in ("transformers", "starlette", "prometheus_client", "httpx"):
+    pytest.importorskip(_name)
+
+from tests.altclip_fast.apps.serve.helpers import (  # noqa: E402
     AUTH, KEY, TEXTS, b64, counter, data_uri, embed, huge_png_header, png, truncated_jpeg,
 )
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-for _name in ("uvicorn",):
+for _name in ("transformers", "starlette", "uvicorn", "prometheus_client", "httpx"):
     pytest.importorskip(_name)
 
 import httpx  # noqa: E402

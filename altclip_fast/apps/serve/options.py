@@ -82,7 +82,6 @@ class ServeOptions:
     preprocess_workers: int = setting(default_factory=_default_workers, flag="--preprocess-workers", minimum=1,
                                       help="threads that tokenize and decode images (default: up to 4)")
     health_ttl_s: float = setting(HEALTH_TTL_S)  # how long a /health probe's answer is reused
-    interpolate_pos_encoding: bool = setting(False)  # from the session (--image-size), not a flag of its own
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServeOptions:
@@ -125,7 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_minimums(args: argparse.Namespace) -> None:
-    for f in flag_fields(ServeOptions):
+    """The first flag under its minimum is the error (those with a minimum of 1 first, then 0)."""
+    bounded = [f for f in flag_fields(ServeOptions) if f.metadata["minimum"] is not None]
+    for f in sorted(bounded, key=lambda f: -f.metadata["minimum"]):
         minimum, value = f.metadata["minimum"], getattr(args, _dest(f))
-        if minimum is not None and value < minimum:
+        if value < minimum:
             raise UsageError(f"{f.metadata['flag']} must be at least {minimum}, got {value}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import socket
 import sys
-from dataclasses import replace
 
 from ...errors import UsageError
 from .app import create_app
@@ -47,7 +46,6 @@ def run(args, session_factory) -> int:
 
     sock = bind(Listen.from_args(args))
     session = session_factory()
-    options = replace(options, interpolate_pos_encoding=session.interpolate_pos_encoding)
     model = ServedModel.from_session(session)
     model.probe()  # warm up, and fail here rather than on the first request
     host, port = sock.getsockname()[:2]

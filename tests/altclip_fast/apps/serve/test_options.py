@@ -69,10 +69,10 @@ def test_the_argparse_defaults_and_help_are_the_dataclass_fields():
 
 def test_from_args_fills_the_options():
     args = _parser().parse_args(["--max-queue", "7", "--max-wait-ms", "0", "--label-cache", "0"])
-    options = ServeOptions.from_args(args, interpolate_pos_encoding=True)
+    options = ServeOptions.from_args(args, health_ttl_s=0)
     assert (options.max_queue, options.max_wait_ms, options.label_cache_size) == (7, 0.0, 0)
     assert options.model_name == "some/model"  # --served-model-name defaults to --model
-    assert options.interpolate_pos_encoding is True and options.api_key is None
+    assert options.health_ttl_s == 0 and options.api_key is None
     named = ServeOptions.from_args(_parser().parse_args(["--served-model-name", "mine"]))
     assert named.model_name == "mine"
 
@@ -94,6 +94,10 @@ def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     (["--preprocess-workers", "0"], "--preprocess-workers must be at least 1, got 0"),
     (["--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),
     (["--label-cache", "-1"], "--label-cache must be at least 0, got -1"),
+    # Several bad: the first as the hand-written checks ran them (the minimum-1 flags, then the others).
+    (["--max-wait-ms", "-1", "--label-cache", "-1", "--max-queue", "0"], "--max-queue must be at least 1, got 0"),
+    (["--label-cache", "-1", "--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),
+    (["--preprocess-workers", "0", "--max-request-items", "0"], "--max-request-items must be at least 1, got 0"),
 ])
 def test_bad_values_are_refused_with_the_flag_named(argv, message):
     with pytest.raises(UsageError) as caught:

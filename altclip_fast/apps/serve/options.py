@@ -17,8 +17,8 @@ from typing import Any
 from ... import environment
 from ...errors import UsageError
 
-__all__ = ["API_KEY_ENV", "HEALTH_TTL_S", "Listen", "ServeOptions", "add_arguments", "cli_default", "flag_fields",
-           "setting"]
+__all__ = ["API_KEY_ENV", "HEALTH_TTL_S", "Listen", "ServeOptions", "add_arguments", "check_minimums", "cli_default",
+           "flag_fields", "setting"]
 
 API_KEY_ENV = "ALTCLIP_FAST_API_KEY"
 HEALTH_TTL_S = 5.0

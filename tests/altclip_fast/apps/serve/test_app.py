@@ -8,6 +8,7 @@ lines, a socket, signals, a missing extra) is in ``test_server.py``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +72,7 @@ def test_text_embeddings_match_the_model_with_usage(client, direct):
 def test_a_single_string_and_base64_encoding(client, direct):
     r = embed(client, "一只猫的照片", encoding_format="base64")
     assert r.status_code == 200, r.text
-    row = np.frombuffer(__import__("base64").b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
+    row = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
     np.testing.assert_allclose(row, direct["text"]("一只猫的照片"), atol=2e-5)
 
 

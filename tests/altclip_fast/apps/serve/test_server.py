@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -116,7 +117,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(model_dir, direct):
 
 
 def test_a_taken_port_is_one_line_before_the_model_loads(model_dir):
-    with __import__("socket").create_server(("127.0.0.1", 0)) as taken:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         proc = subprocess.run([sys.executable, "-m", "altclip_fast.apps.cli", "serve", "--model", str(model_dir),
                                "--device", "cpu", "--port", str(port)], cwd=REPO, capture_output=True, text=True,

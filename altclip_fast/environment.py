@@ -35,7 +35,7 @@ VARIABLES = {v.name: v for v in (
              "bf16/fp16 GEMMs on CPU: auto (upcast where the CPU has no native bf16), native or fp32."),
     Variable("ALTCLIP_FAST_AUTOTUNE_LIMIT", "", "altclip_fast.kernels._runtime",
              "Autotune only the first N configs of each kernel (empty: all of them)."),
-    Variable("ALTCLIP_FAST_API_KEY", "", "altclip_fast.apps.serve",
+    Variable("ALTCLIP_FAST_API_KEY", "", "altclip_fast.apps.serve.options",
              "serve: the API key, when --api-key is not given."),
     Variable("HF_HUB_OFFLINE", "", "altclip_fast.model_files",
              "Hugging Face's switch: hub ids resolve from the local cache only."),

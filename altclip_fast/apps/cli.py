@@ -33,11 +33,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _label_texts(labels: list[str], template: str | None) -> list[str]:
-    if template is None:
-        return labels
-    if "{}" not in template:
-        raise UsageError(f"--template must contain {{}} where the label goes, got {template!r}")
-    return [template.replace("{}", label) for label in labels]
+    from . import zeroshot
+
+    try:
+        return zeroshot.label_texts(labels, template)
+    except zeroshot.TemplateError as exc:
+        raise UsageError(f"--template {exc}") from None
 
 
 def cmd_classify(args) -> int:
@@ -55,14 +56,16 @@ def cmd_classify(args) -> int:
 
     import torch
 
+    from . import zeroshot
+
     session = Session.from_args(args)
     model, processor = session.model, session.processor
     with torch.inference_mode():
         # The labels are embedded once for the whole run, not once per batch of images.
         text = processor(text=texts).to(session.device)
         label_embeds = model.get_text_features(text["input_ids"], text["attention_mask"]).float()
-        label_embeds = label_embeds / label_embeds.norm(dim=-1, keepdim=True)
-        scale = model.logit_scale.float().exp()
+        label_rows = (label_embeds / label_embeds.norm(dim=-1, keepdim=True)).cpu().numpy()
+        scale = float(model.logit_scale.detach().float().exp())
 
         results = []
         ip = processor.image_processor
@@ -83,13 +86,12 @@ def cmd_classify(args) -> int:
                 pixels, interpolate_pos_encoding=session.interpolate_pos_encoding
             ).float()
             image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
-            probs = (scale * image_embeds @ label_embeds.T).softmax(dim=-1).cpu()
-            k = min(args.top_k, len(labels))
-            top = probs.topk(k, dim=-1)
-            for name, values, indices in zip(good, top.values.tolist(), top.indices.tolist()):
+            probs = zeroshot.probabilities(image_embeds.cpu().numpy(), label_rows, scale)
+            for name, row in zip(good, probs):
                 results.append({
                     "image": name,
-                    "predictions": [{"label": labels[i], "probability": round(p, 6)} for p, i in zip(values, indices)],
+                    "predictions": [{"label": labels[i], "probability": round(float(row[i]), 6)}
+                                    for i in zeroshot.ranking(row, args.top_k)],
                 })
     order = {name: i for i, name in enumerate(args.images)}
     results.sort(key=lambda r: order[r["image"]])

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from altclip_fast.apps.serve_batching import Batcher, BatchFailed, QueueFull
+from altclip_fast.apps.serve.batching import Batcher, BatchFailed, QueueFull
 
 
 class Recorder:

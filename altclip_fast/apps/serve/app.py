@@ -1,0 +1,238 @@
+"""The Starlette application: ``create_app(model, options)``.
+
+Routes: ``POST /v1/embeddings`` (OpenAI's shape plus ``modality``: ``text`` or ``image``),
+``POST /v1/classify`` (zero-shot, as the CLI's ``classify``), ``GET /v1/models``, ``GET /health`` (a
+real tiny forward pass, cached for a few seconds) and ``GET /metrics`` (Prometheus).
+
+Requests are validated and prepared (tokenized, images decoded) in a thread pool, then their items
+go to the dynamic batcher (``batching``), whose forward passes run in the one thread that owns the
+model (``Rows``). Every fault stays inside its request: a bad field or image is a 4xx naming it, a full
+queue is 429 with ``Retry-After``, and a client that leaves before its batch runs is dropped from it.
+Starlette is imported when an app is made, never at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .. import zeroshot
+from .auth import BearerAuth
+from .batching import Batcher, BatchFailed, QueueFull
+from .health import Health
+from .images import decode_image
+from .label_cache import LabelCache
+from .metrics import Metrics
+from .model import ServedModel
+from .options import ServeOptions
+from .schemas import ApiError, ClassifyRequest, EmbeddingRequest, error_body, read_json
+
+__all__ = ["Rows", "Routes", "create_app", "encode", "wait_disconnect"]
+
+
+def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[[], None] | None = None):
+    """The ASGI application (behind ``BearerAuth`` when ``options.api_key`` is set). ``on_ready`` runs
+    once the batcher is up (the CLI prints its address there)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    metrics = Metrics()
+    rows = Rows(model, options, metrics)
+    routes = Routes(rows, options, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await rows.start()
+        if on_ready is not None:
+            on_ready()
+        try:
+            yield
+        finally:
+            await rows.stop()
+
+    app = Starlette(routes=[
+        Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
+        Route("/v1/classify", routes.classify, methods=["POST"]),
+        Route("/v1/models", routes.models, methods=["GET"]),
+        Route("/health", routes.health_route, methods=["GET"]),
+        Route("/metrics", routes.metrics_route, methods=["GET"]),
+    ], lifespan=lifespan)
+    app.state.batcher, app.state.metrics, app.state.label_cache = rows.batcher, metrics, rows.labels
+    return BearerAuth(app, options.api_key, metrics) if options.api_key else app
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+class Rows:
+    """Items in, embedding rows out: preparation in a thread pool, the batcher, the model thread, the
+    label cache and the health probe, with no HTTP in sight but the request it watches for leaving."""
+
+    def __init__(self, model: ServedModel, options: ServeOptions, metrics):
+        self.model, self.options, self.metrics = model, options, metrics
+        self.model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="altclip-model")
+        self.prep_pool = ThreadPoolExecutor(max_workers=max(1, options.preprocess_workers),
+                                            thread_name_prefix="altclip-prep")
+        self.batcher = Batcher(
+            model.run_batch, self.model_pool, max_batch_tokens=options.max_batch_tokens,
+            max_batch_images=options.max_batch_images, max_wait_ms=options.max_wait_ms,
+            max_queue=options.max_queue, metrics=metrics,
+        )
+        self.health = Health(model.probe, self.model_pool, ttl_s=options.health_ttl_s, metrics=metrics)
+        self.labels = LabelCache(options.label_cache_size)
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.model_pool.shutdown(wait=True)
+        self.prep_pool.shutdown(wait=True)
+
+    async def prepare(self, kind: str, items: list[str]) -> list:
+        """Token ids or decoded crops, made off the event loop (a bad image is a 400 naming it)."""
+        loop = asyncio.get_running_loop()
+        if kind == "text":
+            return await loop.run_in_executor(self.prep_pool, self.model.tokenize, items)
+        return await loop.run_in_executor(
+            self.prep_pool, lambda: [decode_image(i, item, self.model.prepare_image) for i, item in enumerate(items)]
+        )
+
+    async def for_items(self, request, kind: str, items: list[str]) -> tuple[list, np.ndarray]:
+        """Prepare the items, batch them, and wait for their rows (or the client leaving)."""
+        payloads = await self.prepare(kind, items)
+        return payloads, await self.run(request, kind, payloads)
+
+    async def for_labels(self, request, texts: list[str]) -> tuple[list, np.ndarray]:
+        """``for_items`` for classification labels, through the label cache (``--label-cache``)."""
+        ids = await self.prepare("text", texts)
+        keys = [tuple(t) for t in ids]
+        found, missing = self.labels.lookup(keys)
+        if missing:
+            found.update(zip(missing, await self.run(request, "text", [list(k) for k in missing])))
+        hits, misses = self.labels.remember(keys, found, len(missing))
+        self.metrics.label_cache(hits=hits, misses=misses)
+        return ids, np.stack([found[k] for k in keys])
+
+    async def run(self, request, kind: str, payloads: list) -> np.ndarray:
+        """Queue prepared items for the model and wait for their rows (or the client leaving)."""
+        costs = [len(ids) for ids in payloads] if kind == "text" else [1] * len(payloads)
+        if len(payloads) > self.options.max_queue:
+            raise ApiError(413, f"the request has {len(payloads)} items, more than the queue holds "
+                           f"({self.options.max_queue}, --max-queue)", param="input", reason="too_many_items")
+        try:
+            futures = self.batcher.submit(kind, payloads, costs)
+        except QueueFull as exc:
+            raise ApiError(429, f"the server is busy: {exc}; retry later", kind="rate_limit_error",
+                           reason="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
+        gathered = asyncio.gather(*futures)
+        watcher = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if gathered not in done:  # the client went away: its items leave the queue unrun
+            for future in futures:
+                future.cancel()
+            gathered.cancel()
+            raise ApiError(499, "the client disconnected", reason="client_disconnected_request")
+        try:
+            rows = gathered.result()
+        except BatchFailed as exc:
+            raise ApiError(500, f"inference failed: {exc}", kind="server_error", reason="inference_request") from None
+        return np.stack(rows)
+
+
+async def wait_disconnect(request) -> None:
+    """Returns when the client disconnects (the body has been read, so the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+
+def encode(row: np.ndarray, fmt: str):
+    """One embedding as OpenAI sends it: a list of floats, or base64 of little-endian float32."""
+    if fmt == "base64":
+        return base64.b64encode(row.astype("<f4").tobytes()).decode("ascii")
+    return row.tolist()
+
+
+def _json(body: dict, status: int = 200, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Routes:
+    """The route handlers. Each API route counts its answer (``altclip_requests``) and each failure
+    by reason (``altclip_failures``)."""
+
+    def __init__(self, rows: Rows, options: ServeOptions, metrics):
+        self.rows, self.options, self.metrics = rows, options, metrics
+
+    def error(self, exc: ApiError, route: str):
+        self.metrics.failure(exc.reason)
+        self.metrics.request(route, exc.status)
+        return _json(error_body(exc), exc.status, exc.headers)
+
+    def ok(self, route: str, data: list, model: str | None, tokens: int):
+        self.metrics.request(route, 200)
+        return _json({"object": "list", "data": data, "model": model or self.options.model_name,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def embeddings(self, request):
+        route = "/v1/embeddings"
+        try:
+            body = await read_json(request, self.options.max_request_bytes)
+            req = EmbeddingRequest.parse(body, max_items=self.options.max_request_items, dim=self.rows.model.dim)
+            payloads, rows = await self.rows.for_items(request, req.modality, req.input)
+        except ApiError as exc:
+            return self.error(exc, route)
+        tokens = sum(len(p) for p in payloads) if req.modality == "text" else 0
+        data = [{"object": "embedding", "index": i, "embedding": encode(row, req.encoding_format)}
+                for i, row in enumerate(rows)]
+        return self.ok(route, data, req.model, tokens)
+
+    async def classify(self, request):
+        route = "/v1/classify"
+        try:
+            body = await read_json(request, self.options.max_request_bytes)
+            req = ClassifyRequest.parse(body, max_items=self.options.max_request_items)
+            (ids, text_rows), (_, image_rows) = await asyncio.gather(
+                self.rows.for_labels(request, req.texts), self.rows.for_items(request, "image", req.input)
+            )
+        except ApiError as exc:
+            return self.error(exc, route)
+        probs = zeroshot.probabilities(image_rows, text_rows, self.rows.model.logit_scale)
+        data = [{"object": "classification", "index": i,
+                 "predictions": [{"label": req.labels[j], "probability": float(row[j])} for j in zeroshot.ranking(row)]}
+                for i, row in enumerate(probs)]
+        return self.ok(route, data, req.model, sum(len(p) for p in ids))
+
+    async def models(self, request):
+        self.metrics.request("/v1/models", 200)
+        return _json({"object": "list", "data": [
+            {"id": self.options.model_name, "object": "model", "created": 0, "owned_by": "altclip-fast"}]})
+
+    async def health_route(self, request):
+        health = self.rows.health
+        ok = await health.check()
+        body = {"status": "ok" if ok else "unhealthy", "queue": self.rows.batcher.depth}
+        if health.error:
+            body["error"] = health.error
+        return _json(body, 200 if ok else 503)
+
+    async def metrics_route(self, request):
+        from starlette.responses import Response
+
+        payload, content_type = self.metrics.render()
+        return Response(payload, media_type=content_type)

@@ -1,0 +1,78 @@
+"""``ServedModel``: the model and processor as the server uses them. ``tokenize`` runs in the prep
+threads; ``run_batch`` (the batcher's batch function) and ``probe`` run in the one thread that owns the
+model. Rows come back L2-normalised as float32; a batch with non-finite rows fails as a whole.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .. import faults
+from .batching import BatchFailed
+
+__all__ = ["ServedModel"]
+
+
+class ServedModel:
+    """The model, the processor and the batch function the batcher calls (in the model thread)."""
+
+    def __init__(self, model, processor, *, device, dtype, interpolate_pos_encoding: bool = False):
+        import torch
+
+        self.model, self.processor, self.device, self.dtype = model, processor, device, dtype
+        self.interpolate_pos_encoding = interpolate_pos_encoding
+        self.dim = int(model.config.projection_dim)
+        self.logit_scale = float(model.logit_scale.detach().float().exp())
+        self._tokenizer_lock = threading.Lock()  # the tokenizers object is reconfigured per call
+        self._torch = torch
+
+    @classmethod
+    def from_session(cls, session) -> ServedModel:
+        return cls(session.model, session.processor, device=session.device, dtype=session.dtype,
+                   interpolate_pos_encoding=session.interpolate_pos_encoding)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids, truncated to what the model embeds, as the CLI truncates."""
+        with self._tokenizer_lock:
+            return self.processor.tokenizer(texts, padding=False, truncation=True, return_tensors=None)["input_ids"]
+
+    def prepare_image(self, image) -> np.ndarray:
+        """A decoded image -> the processor's ``uint8 [3, H, W]`` crop."""
+        return self.processor.image_processor.prepare(image)
+
+    def run_batch(self, kind: str, payloads: list) -> np.ndarray:
+        torch = self._torch
+        faults.slow_forward()
+        with torch.inference_mode():
+            out = self._text(payloads) if kind == "text" else self._images(payloads)
+            out = out.float()
+            out = out / out.norm(dim=-1, keepdim=True)
+            rows = out.cpu().numpy()
+        if not np.isfinite(rows).all():
+            raise BatchFailed("the model produced non-finite embeddings")
+        return rows
+
+    def _text(self, payloads: list[list[int]]):
+        torch = self._torch
+        pad = self.processor.tokenizer.pad_token_id
+        length = max(len(ids) for ids in payloads)
+        ids = torch.full((len(payloads), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(payloads), length), dtype=torch.long)
+        for row, seq in enumerate(payloads):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        # Right padding with a mask: the text tower runs the real tokens packed, no padding.
+        return self.model.get_text_features(ids.to(self.device), mask.to(self.device))
+
+    def _images(self, payloads: list[np.ndarray]):
+        pixels = self.processor.image_processor.to_pixel_values(np.stack(payloads))
+        pixels = self._torch.from_numpy(pixels).to(self.device, self.dtype)
+        return self.model.get_image_features(pixels, interpolate_pos_encoding=self.interpolate_pos_encoding)
+
+    def probe(self) -> None:
+        """A real tiny forward through both towers; raises if the model does not work."""
+        crop = self.prepare_image(np.full((16, 16, 3), 128, dtype=np.uint8))
+        self.run_batch("text", self.tokenize(["health check"]))
+        self.run_batch("image", [crop])

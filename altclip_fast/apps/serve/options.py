@@ -1,0 +1,132 @@
+"""The server's settings, each declared once: its default, ``--help`` text, minimum and flag.
+
+A setting is a dataclass field whose metadata (see ``setting``) names its flag; ``add_arguments``
+generates the argparse arguments (defaults, help, argument groups, in field order) from the fields,
+and ``from_args`` checks every minimum (``--max-queue must be at least 1, got 0``) and builds the
+dataclasses back from the parsed arguments. Nothing here imports the web stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
+
+from ... import environment
+from ...errors import UsageError
+
+__all__ = ["API_KEY_ENV", "HEALTH_TTL_S", "Listen", "ServeOptions", "add_arguments", "check_minimums", "cli_default",
+           "flag_fields", "setting"]
+
+API_KEY_ENV = "ALTCLIP_FAST_API_KEY"
+HEALTH_TTL_S = 5.0
+SERVER = "server"
+LIMITS = "batching and limits"
+
+
+def setting(default: Any = MISSING, *, flag: str | None = None, help: str | None = None,  # noqa: A002
+            minimum: float | None = None, group: str = LIMITS, dest: str | None = None,
+            default_factory: Callable[[], Any] | Any = MISSING, cli_default: Any = MISSING) -> Any:
+    """A dataclass field with what its command-line flag needs. ``flag=None``: settable from code only.
+    ``dest`` is the argparse name when it is not the field's (it also makes the metavar ``--help`` shows);
+    ``cli_default`` is the flag's default when it differs from the field's (``None``: worked out from
+    other flags, see ``ServeOptions.from_args``)."""
+    metadata = {"flag": flag, "help": help, "minimum": minimum, "group": group, "dest": dest}
+    if cli_default is not MISSING:
+        metadata["cli_default"] = cli_default
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where the server listens (only ``run`` needs these)."""
+
+    host: str = setting("127.0.0.1", flag="--host", group=SERVER,
+                        help="address to bind (default: 127.0.0.1, this machine only)")
+    port: int = setting(8000, flag="--port", group=SERVER, help="port (default: 8000; 0 picks a free one)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Listen:
+        return cls(**{f.name: getattr(args, _dest(f)) for f in flag_fields(cls)})
+
+
+@dataclass
+class ServeOptions:
+    """What the application needs: limits, the key, the model's name. Field order is ``--help`` order."""
+
+    api_key: str | None = setting(
+        None, flag="--api-key", group=SERVER,
+        help=f"require Authorization: Bearer KEY on every route but /health (or set {API_KEY_ENV})")
+    model_name: str = setting("altclip", flag="--served-model-name", group=SERVER, dest="served_model_name",
+                              cli_default=None, help="the model id /v1/models lists (default: --model)")
+    max_batch_tokens: int = setting(8192, flag="--max-batch-tokens", minimum=1,
+                                    help="real tokens per text batch (default: 8192)")
+    max_batch_images: int = setting(32, flag="--max-batch-images", minimum=1, help="images per batch (default: 32)")
+    max_wait_ms: float = setting(5.0, flag="--max-wait-ms", minimum=0,
+                                 help="longest wait for a batch to fill (default: 5)")
+    max_queue: int = setting(1024, flag="--max-queue", minimum=1,
+                             help="queued items before answering 429 (default: 1024)")
+    max_request_bytes: int = setting(32 * 1024 * 1024, flag="--max-request-bytes", minimum=1,
+                                     help="largest request body, else 413 (default: 32 MiB)")
+    max_request_items: int = setting(2048, flag="--max-request-items", minimum=1,
+                                     help="inputs per request, else 413 (default: 2048)")
+    label_cache_size: int = setting(4096, flag="--label-cache", minimum=0,
+                                    help="classification label rows kept for reuse, least recently used out first; "
+                                         "0 keeps none (default: 4096)")
+    preprocess_workers: int = setting(default_factory=_default_workers, flag="--preprocess-workers", minimum=1,
+                                      help="threads that tokenize and decode images (default: up to 4)")
+    health_ttl_s: float = setting(HEALTH_TTL_S)  # how long a /health probe's answer is reused
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServeOptions:
+        """The options a parsed command line asks for; a value under its minimum is a UsageError."""
+        check_minimums(args)
+        values = {f.name: getattr(args, _dest(f)) for f in flag_fields(cls)}
+        values["model_name"] = args.served_model_name or args.model
+        values["api_key"] = args.api_key or environment.get(API_KEY_ENV) or None
+        return cls(**{**values, **overrides})
+
+
+def flag_fields(cls) -> list[Field]:
+    """The fields of a settings dataclass that have a command-line flag, in declaration order."""
+    return [f for f in fields(cls) if f.metadata.get("flag")]
+
+
+def _dest(f: Field) -> str:
+    return f.metadata["dest"] or f.name
+
+
+def cli_default(f: Field) -> Any:
+    """The flag's default: the field's, unless the setting names another."""
+    if "cli_default" in f.metadata:
+        return f.metadata["cli_default"]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serve flags, generated from ``Listen`` and ``ServeOptions`` (a group per ``setting(group=...)``)."""
+    groups: dict[str, Any] = {}
+    for f in flag_fields(Listen) + flag_fields(ServeOptions):
+        meta = f.metadata
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        default = cli_default(f)
+        kwargs: dict[str, Any] = {"default": default, "help": meta["help"], "dest": _dest(f)}
+        if type(default) in (int, float):
+            kwargs["type"] = type(default)
+        groups[meta["group"]].add_argument(meta["flag"], **kwargs)
+
+
+def check_minimums(args: argparse.Namespace) -> None:
+    """The first flag under its minimum is the error (those with a minimum of 1 first, then 0)."""
+    bounded = [f for f in flag_fields(ServeOptions) if f.metadata["minimum"] is not None]
+    for f in sorted(bounded, key=lambda f: -f.metadata["minimum"]):
+        minimum, value = f.metadata["minimum"], getattr(args, _dest(f))
+        if value < minimum:
+            raise UsageError(f"{f.metadata['flag']} must be at least {minimum}, got {value}")

@@ -1,0 +1,82 @@
+"""Fixtures for the serve tests: a tiny random model directory, the model called directly (the
+expected rows), and the application in process (``app_client``: starlette's TestClient, which runs
+the app's lifespan, so the batcher and its threads are the real ones)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    from tests.altclip_fast.processor_fixtures import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("serve") / "model")
+
+
+@pytest.fixture(scope="session")
+def direct(model_dir):
+    """The model and processor called directly, one item at a time: the expected rows."""
+    import torch
+    from PIL import Image
+
+    from altclip_fast.modeling.model import AltCLIPModel
+    from altclip_fast.preprocessing.processor import AltCLIPProcessor
+
+    model = AltCLIPModel.from_pretrained(model_dir).eval()
+    processor = AltCLIPProcessor.from_pretrained(model_dir)
+
+    def norm(x):
+        x = x.float()
+        return (x / x.norm(dim=-1, keepdim=True)).detach().numpy()
+
+    def text(t: str) -> np.ndarray:
+        inputs = processor(text=[t])
+        return norm(model.get_text_features(inputs["input_ids"], inputs["attention_mask"]))[0]
+
+    def image(raw: bytes) -> np.ndarray:
+        ip = processor.image_processor
+        pixels = torch.from_numpy(ip.to_pixel_values([ip.prepare(Image.open(io.BytesIO(raw)))]))
+        return norm(model.get_image_features(pixels))[0]
+
+    def tokens(t: str) -> int:
+        return len(processor.tokenizer([t], padding=False, return_tensors=None)["input_ids"][0])
+
+    return {"text": text, "image": image, "tokens": tokens, "scale": float(model.logit_scale.detach().exp()),
+            "limit": processor.tokenizer.limit()}
+
+
+def served_model(model_dir):
+    """A fresh ``ServedModel`` (fp32 on CPU) of the tiny model."""
+    import torch
+
+    from altclip_fast.apps.serve import ServedModel
+    from altclip_fast.modeling.model import AltCLIPModel
+    from altclip_fast.preprocessing.processor import AltCLIPProcessor
+
+    model = AltCLIPModel.from_pretrained(model_dir).eval()
+    return ServedModel(model, AltCLIPProcessor.from_pretrained(model_dir), device=torch.device("cpu"),
+                       dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def app_client(model_dir):
+    """``app_client(**options)``: a context manager giving a TestClient on ``create_app`` with those
+    ``ServeOptions`` (``headers=`` sets the client's default headers)."""
+    from starlette.testclient import TestClient
+
+    from altclip_fast.apps.serve import ServeOptions, create_app
+
+    @contextlib.contextmanager
+    def make(headers=None, **options):
+        served = served_model(model_dir)
+        with TestClient(create_app(served, ServeOptions(**options)), headers=headers or {}) as client:
+            client.served = served
+            yield client
+
+    return make

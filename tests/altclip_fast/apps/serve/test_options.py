@@ -1,0 +1,105 @@
+"""ServeOptions alone: the argparse flags it generates, and the checks ``from_args`` makes."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import pytest
+
+from altclip_fast.apps.serve.options import (
+    API_KEY_ENV, Listen, ServeOptions, add_arguments, cli_default, flag_fields,
+)
+from altclip_fast.errors import UsageError
+
+# The serve flags as they were written by hand before they were generated: (flag, dest, default, type, help).
+BEFORE = [
+    ("--host", "host", "127.0.0.1", None, "address to bind (default: 127.0.0.1, this machine only)"),
+    ("--port", "port", 8000, int, "port (default: 8000; 0 picks a free one)"),
+    ("--api-key", "api_key", None, None,
+     f"require Authorization: Bearer KEY on every route but /health (or set {API_KEY_ENV})"),
+    ("--served-model-name", "served_model_name", None, None, "the model id /v1/models lists (default: --model)"),
+    ("--max-batch-tokens", "max_batch_tokens", 8192, int, "real tokens per text batch (default: 8192)"),
+    ("--max-batch-images", "max_batch_images", 32, int, "images per batch (default: 32)"),
+    ("--max-wait-ms", "max_wait_ms", 5.0, float, "longest wait for a batch to fill (default: 5)"),
+    ("--max-queue", "max_queue", 1024, int, "queued items before answering 429 (default: 1024)"),
+    ("--max-request-bytes", "max_request_bytes", 32 * 1024 * 1024, int,
+     "largest request body, else 413 (default: 32 MiB)"),
+    ("--max-request-items", "max_request_items", 2048, int, "inputs per request, else 413 (default: 2048)"),
+    ("--label-cache", "label_cache_size", 4096, int,
+     "classification label rows kept for reuse, least recently used out first; 0 keeps none (default: 4096)"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="some/model")
+    add_arguments(parser)
+    return parser
+
+
+def _actions(parser):
+    return {a.option_strings[0]: a for a in parser._actions if a.option_strings and a.option_strings[0] != "-h"}
+
+
+def test_the_generated_flags_are_the_hand_written_ones():
+    parser = _parser()
+    actions = _actions(parser)
+    for flag, dest, default, kind, help_text in BEFORE:
+        action = actions[flag]
+        assert (action.dest, action.default, action.type, action.help) == (dest, default, kind, help_text), flag
+    workers = actions["--preprocess-workers"]
+    assert workers.help == "threads that tokenize and decode images (default: up to 4)" and workers.type is int
+    assert 1 <= workers.default <= 4
+    groups = {g.title: [a.option_strings[0] for a in g._group_actions] for g in parser._action_groups}
+    assert groups["server"] == ["--host", "--port", "--api-key", "--served-model-name"]
+    assert groups["batching and limits"] == [f for f, *_ in BEFORE[4:]] + ["--preprocess-workers"]
+
+
+def test_the_argparse_defaults_and_help_are_the_dataclass_fields():
+    defaults, actions = ServeOptions(), _actions(_parser())
+    for f in flag_fields(ServeOptions) + flag_fields(Listen):
+        action = actions[f.metadata["flag"]]
+        assert action.help == f.metadata["help"]
+        assert action.default == cli_default(f)
+        if "cli_default" not in f.metadata and f.name in {g.name for g in fields(ServeOptions)}:
+            assert action.default == getattr(defaults, f.name), f.name
+    assert Listen() == Listen.from_args(_parser().parse_args([]))
+
+
+def test_from_args_fills_the_options():
+    args = _parser().parse_args(["--max-queue", "7", "--max-wait-ms", "0", "--label-cache", "0"])
+    options = ServeOptions.from_args(args, health_ttl_s=0)
+    assert (options.max_queue, options.max_wait_ms, options.label_cache_size) == (7, 0.0, 0)
+    assert options.model_name == "some/model"  # --served-model-name defaults to --model
+    assert options.health_ttl_s == 0 and options.api_key is None
+    named = ServeOptions.from_args(_parser().parse_args(["--served-model-name", "mine"]))
+    assert named.model_name == "mine"
+
+
+def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert ServeOptions.from_args(_parser().parse_args([])).api_key == "from-env"
+    assert ServeOptions.from_args(_parser().parse_args(["--api-key", "flag"])).api_key == "flag"
+    monkeypatch.setenv(API_KEY_ENV, " ")
+    assert ServeOptions.from_args(_parser().parse_args([])).api_key is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-queue", "0"], "--max-queue must be at least 1, got 0"),
+    (["--max-batch-tokens", "0"], "--max-batch-tokens must be at least 1, got 0"),
+    (["--max-batch-images", "-3"], "--max-batch-images must be at least 1, got -3"),
+    (["--max-request-bytes", "0"], "--max-request-bytes must be at least 1, got 0"),
+    (["--max-request-items", "0"], "--max-request-items must be at least 1, got 0"),
+    (["--preprocess-workers", "0"], "--preprocess-workers must be at least 1, got 0"),
+    (["--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),
+    (["--label-cache", "-1"], "--label-cache must be at least 0, got -1"),
+    # Several bad: the first as the hand-written checks ran them (the minimum-1 flags, then the others).
+    (["--max-wait-ms", "-1", "--label-cache", "-1", "--max-queue", "0"], "--max-queue must be at least 1, got 0"),
+    (["--label-cache", "-1", "--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),
+    (["--preprocess-workers", "0", "--max-request-items", "0"], "--max-request-items must be at least 1, got 0"),
+])
+def test_bad_values_are_refused_with_the_flag_named(argv, message):
+    with pytest.raises(UsageError) as caught:
+        ServeOptions.from_args(_parser().parse_args(argv))
+    assert str(caught.value) == message

@@ -1,0 +1,145 @@
+"""``altclip-fast serve`` as users run it: the CLI in a subprocess on 127.0.0.1 (an ephemeral port), with
+a tiny random model. Only what needs a real process is here: the console lines, a real socket and the
+openai client over TCP with the options the command line makes, SIGTERM, and a missing serve extra.
+Each server is killed (its process group) at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+for _name in ("transformers", "starlette", "uvicorn", "prometheus_client", "httpx"):
+    pytest.importorskip(_name)
+
+import httpx  # noqa: E402
+
+from tests.altclip_fast.apps.serve.helpers import KEY, embed  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[4]
+READY = re.compile(r"^altclip-fast serve: .+, listening on (http://127\.0\.0\.1:\d+) \((API key required|no API key)\)$")
+
+
+class Server:
+    """``altclip-fast serve`` in its own process group; ``url`` once it says it listens."""
+
+    def __init__(self, model_dir: Path, *options: str, timeout: float = 120, slow_forward_ms: float = 0):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "_ALTCLIP_FAST_SLOW_FORWARD_MS": str(slow_forward_ms),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env.pop("ALTCLIP_FAST_API_KEY", None)
+        command = [sys.executable, "-m", "altclip_fast.apps.cli", "serve", "--model", str(model_dir),
+                   "--device", "cpu", "--dtype", "fp32", "--host", "127.0.0.1", "--port", "0", *options]
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise AssertionError(f"the server did not start: {''.join(self.log)[-3000:]}") from None
+            if "listening on http://" in line:
+                self.ready_line = line.rstrip("\n")
+                self.url = line.split("listening on ")[1].split()[0]
+                assert self.url.startswith("http://127.0.0.1:")
+                return
+            if self.proc.poll() is not None and self.lines.empty():
+                raise AssertionError(f"the server exited: {''.join(self.log)[-3000:]}")
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.log.append(line)
+            self.lines.put(line)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+
+def test_the_openai_client_works_unchanged(model_dir, direct):
+    openai = pytest.importorskip("openai")
+    server = Server(model_dir, "--api-key", KEY, "--max-batch-tokens", "64", "--max-wait-ms", "20")
+    try:
+        assert READY.match(server.ready_line).group(2) == "API key required", server.ready_line
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        texts = ["a photo of a dog", "фото собаки"]
+        for fields in ({}, {"encoding_format": "float"}):  # by default the client asks for base64 and decodes it
+            result = client.embeddings.create(model="altclip", input=texts, **fields)
+            for item, text in zip(result.data, texts):
+                np.testing.assert_allclose(item.embedding, direct["text"](text), atol=2e-5)
+            assert result.usage.prompt_tokens == sum(direct["tokens"](t) for t in texts)
+        assert [m.id for m in client.models.list().data] == [str(model_dir)]  # --served-model-name defaults to --model
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).embeddings.create(
+                model="altclip", input="x")
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200  # no key needed
+    finally:
+        server.kill()
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_0(model_dir, direct):
+    srv = Server(model_dir, "--max-batch-tokens", "8", slow_forward_ms=500)
+    try:
+        assert READY.match(srv.ready_line).group(2) == "no API key", srv.ready_line
+        with httpx.Client(base_url=srv.url, timeout=60) as client, ThreadPoolExecutor(3) as pool:
+            texts = ["a photo of a cat", "ein foto", "un chat noir"]
+            futures = [pool.submit(embed, client, [t]) for t in texts]
+            time.sleep(0.3)  # all three accepted; at most one batch done
+            srv.proc.send_signal(signal.SIGTERM)
+            for future, text in zip(futures, texts):
+                r = future.result(60)
+                assert r.status_code == 200, r.text
+                np.testing.assert_allclose(r.json()["data"][0]["embedding"], direct["text"](text), atol=2e-5)
+        assert srv.proc.wait(60) == 0, "".join(srv.log)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(srv.url + "/health", timeout=5)
+        srv.reader.join(30)  # the whole of stderr has been read
+        assert srv.log[-1] == "altclip-fast serve: stopped\n", srv.log
+    finally:
+        srv.kill()
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(model_dir):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "altclip_fast.apps.cli", "serve", "--model", str(model_dir),
+                               "--device", "cpu", "--port", str(port)], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"altclip-fast: error: cannot listen on 127.0.0.1:{port} ("), lines
+
+
+def test_without_the_serve_extra_serve_says_how_to_install(model_dir):
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('starlette', 'uvicorn', 'prometheus_client'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import altclip_fast\n"
+        "from altclip_fast.apps.cli import main\n"
+        f"sys.exit(main(['serve', '--model', {str(model_dir)!r}, '--device', 'cpu']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'altclip-fast[serve]'" in lines[0], proc.stderr

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def encode(session, kind: str, payload, normalize: bool) -> np.ndarray:
-    """``kind`` "image": ``payload`` is a uint8 ``[B, 3, H, W]`` tensor; "text": the tokenizer's output."""
+def encode(session, modality: str, payload, normalize: bool) -> np.ndarray:
+    """``modality`` "image": ``payload`` is a uint8 ``[B, 3, H, W]`` tensor; "text": the tokenizer's output."""
     import torch
 
     model, device = session.model, session.device
     with torch.inference_mode():
-        if kind == "image":
+        if modality == "image":
             # Normalised on the model's device: uint8 travels, float32 is made where it is used.
             pixels = session.processor.image_processor.to_pixel_values_torch(payload.to(device))
             features = model.get_image_features(pixels.to(session.dtype),

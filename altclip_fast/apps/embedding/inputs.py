@@ -47,7 +47,7 @@ class Listing:
     ``reason`` and either a ``path`` (and ``key``) or a caption file's ``line``.
     """
 
-    kind: str  # "image" or "text"
+    modality: str  # "image" or "text"
     source: str  # "files", "captions" or "webdataset"
     items: list
     rows: list[dict]

@@ -54,7 +54,7 @@ def _member_batches(listing: Listing, batches: list[list[int]], session, workers
 def batches_of(listing: Listing, batches: list[list[int]], session, workers: int) -> Iterator[tuple]:
     """``(indices, payload or None, skipped, reasons)`` per batch, in order: uint8 crops (a torch
     tensor) for images, the tokenizer's output for captions."""
-    if listing.kind == "text":
+    if listing.modality == "text":
         tokenizer = session.processor.tokenizer
         yield from ((b, tokenizer([listing.items[i] for i in b]), [], []) for b in batches)
         return
@@ -75,7 +75,7 @@ def _part(work: Work, session, result) -> dict:
     ok = np.asarray([i not in why for i in idx], dtype=bool)
     embedding = np.zeros((len(idx), dim), np.float32)
     if payload is not None:
-        embedding[ok] = encode.encode(session, listing.kind, payload, work.normalize)
+        embedding[ok] = encode.encode(session, listing.modality, payload, work.normalize)
     text = None
     if listing.texts is not None:
         text = np.zeros((len(idx), dim), np.float32)
@@ -94,7 +94,7 @@ def compute(work: Work, session, writer: Writer, workers: int) -> None:
     flat = [b for k in work.pending for b in per_shard[k]]
     source = batches_of(listing, flat, session, workers)
     bar = tqdm(total=len(listing.items), initial=len(listing.items) - sum(len(b) for b in flat),
-               unit=" img" if listing.kind == "image" else " text", disable=not work.progress, file=sys.stderr,
+               unit=" img" if listing.modality == "image" else " text", disable=not work.progress, file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5)
     shards_written = batches_written = 0
     try:

@@ -37,7 +37,7 @@ _IDENTITY = ("listing_sha256", "count")  # compared as the listing, not as setti
 def make_plan(listing: Listing, writer: str, settings: dict) -> dict:
     """``writer``: "file" or "shards"; ``settings``: everything else a resumed run must share."""
     digest = hashlib.sha256("\n".join(listing.identity).encode("utf-8", "surrogateescape")).hexdigest()
-    return {"version": PLAN_VERSION, "writer": writer, "kind": listing.kind, "source": listing.source,
+    return {"version": PLAN_VERSION, "writer": writer, "modality": listing.modality, "source": listing.source,
             "count": len(listing.items), "listing_sha256": digest, **settings}
 
 

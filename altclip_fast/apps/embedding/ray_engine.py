@@ -54,12 +54,12 @@ def _ensure_ray(address: str | None):
 
 
 class Embedder:
-    """The actor: a batch of uint8 crops (``crop``, ``ok``) or captions (``text``) -> ``embedding``."""
+    """The actor (``modality`` "image" or "text"): a batch of uint8 crops (``crop``, ``ok``) or captions (``text``) -> ``embedding``."""
 
-    def __init__(self, settings: SessionSettings, kind: str, normalize: bool, kill_marker: str | None = None,
+    def __init__(self, settings: SessionSettings, modality: str, normalize: bool, kill_marker: str | None = None,
                  text_column: str | None = None):
         self.session = Session.from_settings(settings)
-        self.kind, self.normalize, self.kill_marker, self.text_column = kind, normalize, kill_marker, text_column
+        self.modality, self.normalize, self.kill_marker, self.text_column = modality, normalize, kill_marker, text_column
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -68,7 +68,7 @@ class Embedder:
         s = self.session
         dim = s.model.config.projection_dim
         n = len(batch["idx"])
-        if self.kind == "image":
+        if self.modality == "image":
             ok = np.asarray(batch["ok"], dtype=bool)
             out = np.zeros((n, dim), np.float32)
             if ok.any():
@@ -129,9 +129,9 @@ class _ShardEmbedder(Embedder):
     under ``state``, and returns only counts, so that the embeddings never travel to the driver. A
     retried batch rewrites its parts."""
 
-    def __init__(self, settings: SessionSettings, kind: str, normalize: bool, state: str,
+    def __init__(self, settings: SessionSettings, modality: str, normalize: bool, state: str,
                  kill_marker: str | None = None, text_column: str | None = None):
-        super().__init__(settings, kind, normalize, kill_marker, text_column)
+        super().__init__(settings, modality, normalize, kill_marker, text_column)
         self.state = state
 
     def __call__(self, batch: dict) -> dict:
@@ -172,7 +172,7 @@ def _records(work: Work) -> list[dict]:
             if listing.source == "webdataset":
                 t, record["key"] = listing.items[i]
                 record["tar"] = os.path.abspath(listing.tars[t])
-            elif listing.kind == "image":
+            elif listing.modality == "image":
                 record["path"] = os.path.abspath(listing.items[i])
             else:
                 record["text"] = listing.items[i]
@@ -220,12 +220,12 @@ def _embed_records(ray, job: EmbedJob, work: Work, session, records: list[dict],
             _tar_reader(decode, work.batch_size), batch_size=1, batch_format="numpy")
     else:
         ds = ray.data.from_items(records)
-        if listing.kind == "image":
+        if listing.modality == "image":
             ds = ds.map_batches(decode, batch_size=work.batch_size, batch_format="numpy")
     # Ray Data's actor pools restart dead actors and retry their batches (max_restarts and
     # max_task_retries default to -1 there).
     ds = ds.map_batches(
-        _ShardEmbedder, fn_constructor_kwargs={"settings": settings, "kind": listing.kind, "normalize": work.normalize,
+        _ShardEmbedder, fn_constructor_kwargs={"settings": settings, "modality": listing.modality, "normalize": work.normalize,
                                                "state": str(work.state), "kill_marker": faults.actor_kill_marker(),
                                                "text_column": "text" if listing.texts is not None else None},
         compute=ray.data.ActorPoolStrategy(size=job.ray_workers), num_gpus=gpus, num_cpus=cpus,
@@ -297,7 +297,7 @@ def embed_dataset(ds, model: str, *, column: str = "image", kind: str | None = N
         ds = ds.map_batches(lambda b: {**b, "text": b[column]}, batch_size=batch_size, batch_format="numpy")
     ds = ds.map_batches(lambda b: {**b, "idx": np.arange(len(next(iter(b.values()))))}, batch_format="numpy")
     return ds.map_batches(
-        Embedder, fn_constructor_kwargs={"settings": settings, "kind": kind, "normalize": normalize},
+        Embedder, fn_constructor_kwargs={"settings": settings, "modality": kind, "normalize": normalize},
         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker, num_cpus=cpus,
         batch_size=batch_size, batch_format="numpy",
     ).map_batches(lambda b: {k: v for k, v in b.items() if k not in ("idx", "crop")}, batch_format="numpy")

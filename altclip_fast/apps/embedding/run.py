@@ -123,7 +123,7 @@ def _sharded(job: EmbedJob, root: Path, open_session, workers: int) -> int:
     shards.report_listing(listing)
     # Ray's workers do not share the driver's working directory: the writer is given absolute paths.
     absolute = shards.ShardPaths(Path(os.path.abspath(root)), paths.width)
-    writer = shards.ShardWriter(absolute, shards.column_types(listing.rows), job.emb_dtype, listing.kind)
+    writer = shards.ShardWriter(absolute, shards.column_types(listing.rows), job.emb_dtype, listing.modality)
     pending = [k for k in range(len(ranges)) if shards.read_marker(paths, k) is None]
     work = _work(job, listing, ranges, pending, absolute.state)
     started = time.perf_counter()

@@ -230,7 +230,7 @@ def finish(listing: Listing, paths: ShardPaths, work: Work, seconds: float) -> i
     rows = sum(m["rows"] for m in markers)
     reused = work.reused
     computed = sum(len(work.shards[k]) for k in work.pending) - reused
-    noun = "images" if listing.kind == "image" else "captions"
+    noun = "images" if listing.modality == "image" else "captions"
     rate = computed / seconds if seconds > 0 else 0.0
     partly = f" from {reused} inputs of saved batches and {computed} new" if reused else ""
     print(f"embedded {rows} {noun} into {len(work.shards)} shards in {paths.root} "

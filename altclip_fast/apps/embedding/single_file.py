@@ -84,7 +84,7 @@ def already_complete(job: EmbedJob, out: OutputFiles) -> bool:
 
 def _row(listing: Listing, i: int) -> dict:
     """What the metadata file says about input ``i``."""
-    if listing.kind == "text":
+    if listing.modality == "text":
         return {"line": listing.rows[i]["line"], "text": listing.items[i]}
     return {"path": listing.items[i]}
 
@@ -127,7 +127,7 @@ def publish(job: EmbedJob, out: OutputFiles, work: Work, session, seconds: float
             print(f"altclip-fast: skipped {s.get('path', s.get('line'))}: {s['reason']}", file=sys.stderr)
         raise AltCLIPError(f"none of the {len(listing.items)} inputs could be embedded; nothing written")
     dim = session.model.config.projection_dim
-    info = {"kind": listing.kind, "input": job.input, "model": job.model, "dtype": session.dtype_name,
+    info = {"kind": listing.modality, "input": job.input, "model": job.model, "dtype": session.dtype_name,
             "normalized": bool(job.normalize), "exif_transpose": job.exif_transpose,
             "fast_decode": bool(job.fast_decode), "count": embedded, "dim": dim}
     batches = sum(1 for _ in (out.state / "parts").rglob("*.npz"))
@@ -178,7 +178,7 @@ def _collect(work: Work) -> tuple[list[dict], list[dict]]:
 
 def _summary(listing: Listing, out: OutputFiles, work: Work, embedded: int, skipped: list[dict],
              seconds: float) -> str:
-    noun = "images" if listing.kind == "image" else "captions"
+    noun = "images" if listing.modality == "image" else "captions"
     reused = work.reused
     computed = len(listing.items) - reused
     text = f"embedded {embedded} {noun} into {out.out}"

@@ -144,3 +144,30 @@ def test_an_out_dir_saved_by_an_older_version_is_refused_in_one_line(work, tmp_p
     assert "older altclip-fast (plan version 1)" in line and "--overwrite" in line
     assert main(*cmd, "--resume", "--overwrite", cwd=work) == 0
     assert sum(len(e) for e in _emb(out)) == 6
+
+
+# ---------------------------------------------------------------------------------------------- webdataset
+
+
+def test_webdataset_members_are_taken_for_the_one_list_of_image_extensions(work, tmp_path):
+    pytest.importorskip("webdataset")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import tarfile
+
+    def encoded(fmt: str, seed: int) -> bytes:
+        buf = io.BytesIO()
+        photo_like(24, 20, seed=seed).save(buf, format=fmt)
+        return buf.getvalue()
+
+    members = [("a.bmp", encoded("BMP", 1)), ("b.tiff", encoded("TIFF", 2)), ("c.txt", b"a caption, no image")]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert main("embed", str(tmp_path / "s.tar"), "--out-dir", str(tmp_path / "o"), *CPU, cwd=work) == 0
+    rows = pq.read_table(tmp_path / "o" / "metadata" / "metadata_0.parquet").to_pylist()
+    assert [Path(r["image_path"]).name for r in rows] == ["a.bmp", "b.tiff"]
+    skipped = pq.read_table(tmp_path / "o" / "skipped.parquet").to_pylist()
+    assert skipped == [{"path": str(tmp_path / "s.tar"), "key": "c", "reason":
+                        "no image member (jpg, jpeg, jfif, png, webp, bmp, gif, tif, tiff, ppm, pgm, pbm)"}]

@@ -91,12 +91,12 @@ def _single_file(job: EmbedJob, out: single_file.OutputFiles, open_session, work
     writer = single_file.SingleFileWriter(listing)
     for line in writer.listing_lines():
         print(line, file=sys.stderr)
-    work = _work(job, listing, ranges, [0], out.state)
-    session.model  # loaded before the clock starts, so that the rate shown is the embedding rate
-    print(f"altclip-fast: embedding with {session.describe()}", file=sys.stderr)
-    started = time.perf_counter()
-    local_engine.compute(work, session, writer, workers)
-    return single_file.publish(job, out, work, session, time.perf_counter() - started)
+    work = _work(job, listing, ranges, [0], Path(os.path.abspath(out.state)))
+    if job.engine != "ray":
+        session.model  # loaded before the line that says what it runs on
+        print(f"altclip-fast: embedding with {session.describe()}", file=sys.stderr)
+    seconds = _compute(job, work, session, writer, workers)
+    return single_file.publish(job, out, work, session, seconds)
 
 
 def _sharded(job: EmbedJob, root: Path, open_session, workers: int) -> int:
@@ -126,15 +126,21 @@ def _sharded(job: EmbedJob, root: Path, open_session, workers: int) -> int:
     writer = shards.ShardWriter(absolute, shards.column_types(listing.rows), job.emb_dtype, listing.modality)
     pending = [k for k in range(len(ranges)) if shards.read_marker(paths, k) is None]
     work = _work(job, listing, ranges, pending, absolute.state)
-    started = time.perf_counter()
-    if pending:
-        if job.engine == "ray":  # its actors load their own copies; the driver never runs the model
-            from . import ray_engine
+    return shards.finish(listing, paths, work, _compute(job, work, session, writer, workers))
 
-            started = time.perf_counter()
-            ray_engine.compute(work, session, writer, job)
-        else:
-            session.model  # loaded before the clock, so that the rate is the embedding rate
-            started = time.perf_counter()
-            local_engine.compute(work, session, writer, workers)
-    return shards.finish(listing, paths, work, time.perf_counter() - started)
+
+def _compute(job: EmbedJob, work: Work, session, writer, workers: int) -> float:
+    """The job's engine over ``work``, handing parts and shards to ``writer``; returns the seconds
+    it took. Any engine runs with any writer (the command line offers Ray with --out-dir only)."""
+    if not work.pending:
+        return 0.0
+    if job.engine == "ray":  # its actors load their own copies; the driver never runs the model
+        from . import ray_engine
+
+        started = time.perf_counter()
+        ray_engine.compute(work, session, writer, job)
+    else:
+        session.model  # loaded before the clock starts, so that the rate shown is the embedding rate
+        started = time.perf_counter()
+        local_engine.compute(work, session, writer, workers)
+    return time.perf_counter() - started

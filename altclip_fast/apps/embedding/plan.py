@@ -57,9 +57,8 @@ def _older_format(state: Path, old) -> str | None:
     return None
 
 
-def _older_problem(older: str) -> str:
-    return (f"it was saved by an older altclip-fast ({older}); finish it with the altclip-fast version "
-            "that started it, or pass --overwrite to start over")
+def _older_line(where, older: str) -> str:
+    return f"{where} holds a run saved by an older altclip-fast ({older})"
 
 
 def check_format(state: Path, where, *, overwrite: bool) -> None:
@@ -69,7 +68,8 @@ def check_format(state: Path, where, *, overwrite: bool) -> None:
     plan_file = state / "plan.json"
     older = _older_format(state, _read(plan_file) if plan_file.is_file() else None)
     if older:
-        raise UsageError(f"cannot resume the interrupted run in {where}: {_older_problem(older)}")
+        raise UsageError(f"{_older_line(where, older)}: finish it with the altclip-fast version that started it, "
+                         "or pass --overwrite to start over")
 
 
 def resume_state(state: Path, plan: dict, listing: Listing, *, resume: bool, overwrite: bool,
@@ -80,10 +80,12 @@ def resume_state(state: Path, plan: dict, listing: Listing, *, resume: bool, ove
     old = _read(plan_file) if plan_file.is_file() else None
     older = _older_format(state, old) if state.is_dir() else None
     if older:
-        problem = _older_problem(older)
-    elif not (resume and plan_file.is_file()):
+        check_format(state, where, overwrite=overwrite)
+        print(f"altclip-fast: {_older_line(where, older)}; starting over (--overwrite)", file=sys.stderr)
         return None
-    elif old is None:
+    if not (resume and plan_file.is_file()):
+        return None
+    if old is None:
         problem = f"its plan {plan_file} cannot be read; pass --overwrite to start over"
     else:
         problem = _mismatch(state, old, plan, listing)

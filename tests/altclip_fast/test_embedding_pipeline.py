@@ -171,3 +171,56 @@ def test_webdataset_members_are_taken_for_the_one_list_of_image_extensions(work,
     skipped = pq.read_table(tmp_path / "o" / "skipped.parquet").to_pylist()
     assert skipped == [{"path": str(tmp_path / "s.tar"), "key": "c", "reason":
                         "no image member (jpg, jpeg, jfif, png, webp, bmp, gif, tif, tiff, ppm, pgm, pbm)"}]
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+def test_parts_are_read_back_in_listing_order_each_input_once(tmp_path):
+    from altclip_fast.apps.embedding.parts import read_rows, read_shard, save_part, saved_inputs
+
+    def part(idx):
+        idx = np.asarray(idx, np.int64)
+        return {"idx": idx, "ok": np.ones(len(idx), bool), "reason": np.asarray([""] * len(idx)),
+                "embedding": np.repeat(idx[:, None].astype(np.float32), 3, axis=1)}
+
+    # A resumed run's batch skips the inputs a saved part covers, so parts can interleave; a retried
+    # batch rewrites its own part (same name), and a part may repeat an input another one holds.
+    for idx in ([0, 2, 3], [1], [4, 5], [5, 6]):
+        save_part(tmp_path, 7, part(idx))
+    assert saved_inputs(tmp_path, [7]) == set(range(7))
+    slices = list(read_rows(tmp_path, 7, range(7), ("idx", "embedding")))
+    assert np.concatenate([s["idx"] for s in slices]).tolist() == list(range(7))
+    assert max(len(s["idx"]) for s in slices) <= 3  # a part at a time, never the whole shard
+    whole = read_shard(tmp_path, 7, range(7), ("embedding",))
+    np.testing.assert_array_equal(whole["embedding"][:, 0], np.arange(7, dtype=np.float32))
+    with pytest.raises(RuntimeError, match=r"miss inputs \[7\]"):
+        read_shard(tmp_path, 7, range(8), ("embedding",))
+
+    # A torn part (a power loss after the rename) fails its CRC check and is computed again.
+    torn = next((tmp_path / "parts" / "7").glob("000000000004-*.npz"))
+    torn.write_bytes(torn.read_bytes()[:-40])
+    assert saved_inputs(tmp_path, [7]) == {0, 1, 2, 3, 5, 6} and not torn.exists()
+
+
+def test_a_single_file_run_resumes_with_another_batch_size(work, tmp_path, monkeypatch, capsys):
+    from altclip_fast.apps.embedding import encode
+
+    full = tmp_path / "full.npy"
+    assert main("embed", "photos", "--out", full, "--batch-size", 4, *CPU, cwd=work) == 0
+    real, calls = encode.encode, []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    target = tmp_path / "p.npy"
+    monkeypatch.setattr(encode, "encode", interrupting)
+    assert main("embed", "photos", "--out", target, "--batch-size", 2, *CPU, cwd=work) == 130
+    monkeypatch.setattr(encode, "encode", real)
+    capsys.readouterr()
+    assert main("embed", "photos", "--out", target, "--batch-size", 3, "--resume", *CPU, cwd=work) == 0
+    assert "2 reused from the interrupted run, 4 computed now" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(target), np.load(full), rtol=1e-5, atol=1e-6)

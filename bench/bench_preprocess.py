@@ -30,7 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from altclip_fast.apps.embed import _ImageFiles, collate_crops  # noqa: E402  (the CLI's own dataset)
+from altclip_fast.apps.embedding.decode import ImageFiles, collate_crops  # noqa: E402  (the CLI's own dataset)
 from altclip_fast.preprocessing.image_processing import AltCLIPImageProcessor  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def _run_loader(paths, ip, workers: int, batch_size: int) -> None:
     from torch.utils.data import DataLoader
 
     batches = [list(range(i, min(len(paths), i + batch_size))) for i in range(0, len(paths), batch_size)]
-    loader = DataLoader(_ImageFiles(paths, ip), batch_sampler=batches, num_workers=workers, collate_fn=collate_crops)
+    loader = DataLoader(ImageFiles(paths, ip), batch_sampler=batches, num_workers=workers, collate_fn=collate_crops)
     for _, crops, _, _ in loader:
         ip.to_pixel_values_torch(torch.from_numpy(crops))
 

@@ -117,7 +117,7 @@ def test_runtime_path_never_loads_the_reference():
         "import sys\n"
         "import altclip_fast\n"
         "from altclip_fast import AltCLIPModel, AltCLIPProcessor, optimize\n"
-        "import altclip_fast.apps.cli, altclip_fast.apps.embed, altclip_fast.apps.benchmark\n"
+        "import altclip_fast.apps.cli, altclip_fast.apps.embedding.run, altclip_fast.apps.benchmark\n"
         "bad = [m for m in sys.modules if m.startswith('altclip_fast.reference') or m in ('kernels', 'reference')]\n"
         "assert not bad, bad\n"
     )

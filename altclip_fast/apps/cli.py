@@ -6,7 +6,7 @@ line and a non-zero exit: 2 for a wrong command line or input, 1 for a failure w
 The arguments and inputs are checked before the model is loaded, so these errors come back fast
 (those that need no model directory before torch is even imported).
 
-``embed`` lives in altclip_fast.apps.embed; ``altclip-fast bench`` is the end-to-end benchmark
+``embed`` lives in altclip_fast.apps.embedding; ``altclip-fast bench`` is the end-to-end benchmark
 (altclip_fast.apps.benchmark, also ``python -m altclip_fast.apps.benchmark``).
 """
 
@@ -126,40 +126,40 @@ def _table(results: list[dict]) -> str:
 
 
 def cmd_embed(args) -> int:
-    from . import embed
+    from .embedding.job import EmbedJob
+    from .embedding.run import run
 
-    job = embed.EmbedJob(
-        input=args.input, out=args.out, model=args.model, batch_size=args.batch_size, workers=args.workers,
-        normalize=args.normalize, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-        exif_transpose=not args.no_exif_transpose, fast_decode=args.fast_decode,
-    )
     if (args.out is None) == (args.out_dir is None):
         raise UsageError("give exactly one of --out FILE (one file) or --out-dir DIR (shards)")
+    common = dict(
+        input=args.input, model=args.model, batch_size=args.batch_size, workers=args.workers,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        exif_transpose=not args.no_exif_transpose, fast_decode=args.fast_decode,
+    )
     if args.out is not None:
         for flag, given in (("--shard-size", args.shard_size is not None), ("--with-text", args.with_text),
                             ("--emb-dtype", args.emb_dtype is not None), ("--no-normalize", args.no_normalize),
                             ("--engine ray", args.engine != "local")):
             if given:
                 raise UsageError(f"{flag} needs --out-dir")
-        return embed.run(job, lambda: Session.from_args(args))
-    return cmd_embed_collection(args)
+        return run(EmbedJob(out=args.out, normalize=args.normalize, **common), lambda: Session.from_args(args))
+    return cmd_embed_collection(args, common)
 
 
-def cmd_embed_collection(args) -> int:
-    from . import collection
+def cmd_embed_collection(args, common: dict) -> int:
+    from .embedding.job import EmbedJob
+    from .embedding.run import run
+    from .embedding.shards import DEFAULT_SHARD_SIZE
 
     if args.normalize and args.no_normalize:
         raise UsageError("--normalize and --no-normalize contradict each other")
-    job = collection.CollectionJob(
-        input=args.input, out_dir=args.out_dir, model=args.model, batch_size=args.batch_size, workers=args.workers,
-        shard_size=args.shard_size or collection.DEFAULT_SHARD_SIZE, normalize=not args.no_normalize,
-        emb_dtype=args.emb_dtype or "float16", with_text=args.with_text, resume=args.resume,
-        overwrite=args.overwrite, progress=not args.no_progress, exif_transpose=not args.no_exif_transpose,
-        fast_decode=args.fast_decode, engine=args.engine, ray_address=args.ray_address,
-        ray_workers=args.ray_workers, ray_gpus_per_worker=args.ray_gpus_per_worker,
-        ray_cpus_per_worker=args.ray_cpus_per_worker,
+    job = EmbedJob(
+        out_dir=args.out_dir, shard_size=args.shard_size or DEFAULT_SHARD_SIZE, normalize=not args.no_normalize,
+        emb_dtype=args.emb_dtype or "float16", with_text=args.with_text, engine=args.engine,
+        ray_address=args.ray_address, ray_workers=args.ray_workers, ray_gpus_per_worker=args.ray_gpus_per_worker,
+        ray_cpus_per_worker=args.ray_cpus_per_worker, **common,
     )
-    return collection.run(job, lambda: Session.from_args(args))
+    return run(job, lambda: Session.from_args(args))
 
 
 def cmd_search(args) -> int:

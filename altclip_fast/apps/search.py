@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AltCLIPError, UsageError
+from .embedding.shards import FILE_MODALITY, STATE
 
 # On a CPU the float32 copy of a chunk should stay in the last-level cache between the widening and
 # the product, which reads it back (4096 x 768 floats: 12 MiB; single queries ran 2.6x faster than
@@ -35,20 +36,23 @@ class Hit:
 
 
 class Index:
-    """The shards of ``DIR/img_emb`` (``kind="img"``) or ``DIR/text_emb`` (``kind="text"``);
-    ``kind=None`` takes images when there are any. ``chunk_rows=None`` picks a size for the device."""
+    """The shards of ``DIR/img_emb`` (``modality="image"``) or ``DIR/text_emb`` (``modality="text"``);
+    ``modality=None`` takes images when there are any. ``chunk_rows=None`` picks a size for the device."""
 
-    def __init__(self, directory: str | Path, kind: str | None = None, *, chunk_rows: int | None = None,
+    def __init__(self, directory: str | Path, modality: str | None = None, *, chunk_rows: int | None = None,
                  device=None):
         self.root = Path(directory).expanduser()
         if not (self.root / "metadata").is_dir():
             raise UsageError(f"{directory}: not an embed --out-dir collection (no metadata/ folder)")
-        if kind is None:
-            kind = "img" if (self.root / "img_emb").is_dir() else "text"
-        self.kind = kind
-        paths = sorted((self.root / f"{kind}_emb").glob(f"{kind}_emb_*.npy"))
+        if modality is None:
+            modality = "image" if (self.root / f"{FILE_MODALITY['image']}_emb").is_dir() else "text"
+        if modality not in FILE_MODALITY:
+            raise UsageError(f"modality must be one of {', '.join(FILE_MODALITY)}, got {modality!r}")
+        self.modality = modality
+        name = FILE_MODALITY[modality]  # clip-retrieval's file names say "img"
+        paths = sorted((self.root / f"{name}_emb").glob(f"{name}_emb_*.npy"))
         if not paths:
-            raise UsageError(f"{directory}: no {kind}_emb shards")
+            raise UsageError(f"{directory}: no {name}_emb shards")
         self.shard_ids = [int(p.stem.rsplit("_", 1)[1]) for p in paths]
         self._meta_paths = {s: self.root / "metadata" / f"metadata_{p.stem.rsplit('_', 1)[1]}.parquet"
                             for s, p in zip(self.shard_ids, paths)}
@@ -173,7 +177,7 @@ class _Scan:
 
 def _plan(root: Path) -> dict:
     try:
-        return json.loads((root / ".altclip-fast" / "plan.json").read_text(encoding="utf-8"))
+        return json.loads((root / STATE / "plan.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
@@ -190,7 +194,7 @@ def cmd_search(args, make_session, default_model: str | None = None) -> int:
         raise UsageError(f"{args.directory}: no such directory")
     if args.image is not None and not Path(args.image).is_file():
         raise UsageError(f"{args.image}: no such file")
-    index = Index(root, args.kind)
+    index = Index(root, None if args.kind is None else {"img": "image", "text": "text"}[args.kind])
     if args.model in (None, default_model):
         args.model = _plan(root).get("model") or args.model
     import torch

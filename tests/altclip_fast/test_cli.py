@@ -141,17 +141,19 @@ def test_embed_killed_then_resumed_reuses_written_batches(work, full_run):
     # Nothing poses as complete: no output, no metadata, one finished batch (and the dead run's lock
     # file, which holds no lock once its process is gone).
     assert sorted(p.name for p in out.parent.iterdir()) == [".photos.npy.lock", ".photos.npy.partial"]
-    assert sorted(p.name for p in partial.iterdir()) == ["batch-000000.npz", "inputs.json", "plan.json"]
+    assert sorted(p.name for p in partial.iterdir()) == ["inputs.json", "parts", "plan.json"]
+    batch = partial / "parts" / "0" / "000000000000-000000000001.npz"  # the first batch's part: inputs 0 and 1
+    assert [p.name for p in (partial / "parts" / "0").iterdir()] == [batch.name]
 
     # A second run without --resume refuses to mix with the interrupted one.
     assert_one_line_error(run_cli(*cmd, cwd=work), "pass --resume")
 
     # Mark the written batch (negate it: exact both ways): if --resume recomputed it, the mark would be gone.
-    with np.load(partial / "batch-000000.npz") as data:
+    with np.load(batch) as data:
         saved = {k: data[k] for k in data.files}
-    first = saved["embeddings"].copy()
-    with open(partial / "batch-000000.npz", "wb") as f:
-        np.savez(f, **{**saved, "embeddings": -first})
+    first = saved["embedding"][saved["ok"]].copy()
+    with open(batch, "wb") as f:
+        np.savez(f, **{**saved, "embedding": -saved["embedding"]})
 
     resumed = run_cli(*cmd, "--resume", cwd=work)
     assert resumed.returncode == 0, resumed.stderr
@@ -186,7 +188,7 @@ def test_embed_killed_after_the_last_batch_resumes_without_recomputing(work):
 def test_embed_killed_while_publishing_an_overwrite_never_pairs_output_and_meta_of_two_runs(work):
     """Killed after the new output is renamed into place and before its metadata is: the old metadata
     is already gone, a plain rerun mentions the saved run, and --resume publishes a matching pair."""
-    from altclip_fast.apps.embed import load_embeddings, published_mismatch
+    from altclip_fast.apps.embedding.single_file import load_embeddings, published_mismatch
 
     out = work / "publish" / "c.npy"
     out.parent.mkdir()
@@ -215,7 +217,7 @@ def test_embed_resume_refuses_other_settings_and_redoes_torn_batches(work, full_
     assert run_cli(*cmd, cwd=work, env={"_ALTCLIP_FAST_CRASH_AFTER_BATCHES": "1"}).returncode == -9
     assert_one_line_error(run_cli(*cmd, "--resume", "--normalize", cwd=work), "normalize: False then, True now")
     # A batch file torn by a power loss (renamed, not yet flushed) is detected and computed again.
-    batch = out.parent / ".e.npy.partial" / "batch-000000.npz"
+    batch = out.parent / ".e.npy.partial" / "parts" / "0" / "000000000000-000000000002.npz"
     batch.write_bytes(batch.read_bytes()[:-40])
     resumed = run_cli(*cmd, "--resume", cwd=work)
     assert resumed.returncode == 0, resumed.stderr
@@ -383,7 +385,7 @@ def test_classify_embeds_labels_once(work, monkeypatch, capsys):
 
 
 def test_the_command_line_imports_neither_torch_nor_the_reference():
-    code = ("import sys, altclip_fast.apps.cli, altclip_fast.apps.embed; "
+    code = ("import sys, altclip_fast.apps.cli, altclip_fast.apps.embedding.run; "
             "print(sorted(m for m in sys.modules if m in ('torch', 'reference', 'altclip_fast.reference')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -240,7 +240,7 @@ def test_usage_errors(work, capsys):
 
 
 def test_ray_actors_get_a_share_of_the_cpus():
-    from altclip_fast.apps.ray_engine import actor_cpus
+    from altclip_fast.apps.embedding.ray_engine import actor_cpus
 
     assert actor_cpus(2, 2, workers=1, gpus=0, requested=None) == 1.0  # the other core decodes
     assert actor_cpus(2, 2, workers=2, gpus=0, requested=None) == 0.5

@@ -64,7 +64,7 @@ def test_ray_actor_killed_mid_run_is_restarted(work, local_ray, local_run, monke
 
 
 def test_embed_dataset_api(work, local_ray, local_run):  # noqa: F811
-    from altclip_fast.apps.ray_engine import embed_dataset
+    from altclip_fast.apps.embedding.ray_engine import embed_dataset
 
     paths = [m["image_path"] for m in metadata(local_run)]
     ds = ray.data.from_items([{"image": str(work / p)} for p in paths])
@@ -121,7 +121,7 @@ def test_ray_engine_on_webdataset_with_text(work, local_ray, monkeypatch, capsys
     def on_the_driver(*args):
         raise AssertionError("the driver read tar members")
 
-    monkeypatch.setattr("altclip_fast.apps.collection.tar_images", on_the_driver)  # Ray's workers do not see this
+    monkeypatch.setattr("altclip_fast.apps.embedding.inputs.tar_images", on_the_driver)  # Ray's workers do not see this
     assert main(*cmd, "--out-dir", "wds_ray", "--engine", "ray", cwd=work) == 0
     _same(work / "wds_ray", work / "wds_local")
     ray_skips = sorted(line for line in capsys.readouterr().err.splitlines() if "altclip-fast: skipped" in line)

@@ -1,8 +1,8 @@
 """``altclip-fast embed`` under faults: a full disk at each write site, an unwritable folder, a second
 run on the same output, Ctrl-C, odd caption files, symlink loops, inputs typed differently or changed.
 
-Faults are injected in process (``embed.open`` is the one way the job opens files for writing), on a
-tiny random checkpoint; kills, which need a process of their own, are in test_cli.py.
+Faults are injected in process (``embedding.files.open`` is the one way the job opens files for
+writing), on a tiny random checkpoint; kills, which need a process of their own, are in test_cli.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from altclip_fast.apps import cli, embed
+from altclip_fast.apps import cli
+from altclip_fast.apps.embedding import encode, files
+from altclip_fast.apps.embedding.inputs import find_inputs
+from altclip_fast.apps.embedding.single_file import load_embeddings, published_mismatch
+from altclip_fast.errors import AltCLIPError, UsageError
 from tests.altclip_fast.processor_fixtures import make_model_dir, photo_like
 
 pytest.importorskip("transformers")  # the tiny checkpoint is written by transformers
@@ -45,8 +49,8 @@ def main(*args, cwd: Path) -> int:
 
 
 def interrupt_embedding_at(monkeypatch, call: int):
-    """Ctrl-C during the ``call``-th model call from now on. Returns the real ``embed._embed``, to put back."""
-    real, calls = embed._embed, []
+    """Ctrl-C during the ``call``-th model call from now on. Returns the real ``encode.encode``, to put back."""
+    real, calls = encode.encode, []
 
     def interrupting(*args, **kwargs):
         calls.append(1)
@@ -54,7 +58,7 @@ def interrupt_embedding_at(monkeypatch, call: int):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(embed, "_embed", interrupting)
+    monkeypatch.setattr(encode, "encode", interrupting)
     return real
 
 
@@ -101,7 +105,7 @@ def fill_disk_at(monkeypatch, fragment: str, after: int = 0) -> None:
                 return _FullDiskFile(f)
         return f
 
-    monkeypatch.setattr(embed, "open", fake_open, raising=False)
+    monkeypatch.setattr(files, "open", fake_open, raising=False)
 
 
 # ---------------------------------------------------------------------------------------------- 1: a full disk
@@ -111,7 +115,7 @@ def fill_disk_at(monkeypatch, fragment: str, after: int = 0) -> None:
     "out,fragment,after,named,resumable",
     [
         ("c.npy", "plan.json", 0, "plan.json", False),
-        ("c.npy", ".batch-", 1, "batch-000001.npz", True),  # the second batch file
+        ("c.npy", ".npz.", 1, "000000000002-000000000003.npz", True),  # the second batch's part file
         ("c.npy", ".c.npy.tmp", 0, "c.npy", True),  # the output itself
         ("c.safetensors", ".c.safetensors.tmp", 0, "c.safetensors", True),
         ("c.npy", ".c.npy.meta.json.tmp", 0, "c.npy.meta.json", True),
@@ -135,7 +139,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_files(work, tmp_path, monkey
         monkeypatch.undo()
         assert main("embed", "captions.txt", "--out", target, "--model", work / "model", "--batch-size", 2,
                     "--resume", *CPU_FP32, cwd=work) == 0
-        embeddings, meta = embed.load_embeddings(target, verify=True)
+        embeddings, meta = load_embeddings(target, verify=True)
         assert embeddings.shape == (5, 12) and meta["count"] == 5
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out, f"{out}.meta.json"])
 
@@ -169,11 +173,11 @@ def test_ctrl_c_says_interrupted_once_and_overwrite_resume_keeps_the_batches(wor
     assert "1 of 3 batches are saved" in err and "--resume" in err
     np.testing.assert_array_equal(np.load(target), first)  # the old output stands until the new one is done
 
-    monkeypatch.setattr(embed, "_embed", real_embed)
+    monkeypatch.setattr(encode, "encode", real_embed)
     # What the message says to run: the same command plus --resume. It must not discard the saved batch.
     assert main(*cmd, "--overwrite", "--normalize", "--resume", cwd=work) == 0
     assert "2 reused from the interrupted run, 3 computed now" in capsys.readouterr().out
-    embeddings, meta = embed.load_embeddings(target)
+    embeddings, meta = load_embeddings(target)
     assert meta["normalized"] is True
     np.testing.assert_allclose(embeddings, first / np.linalg.norm(first, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
 
@@ -189,11 +193,11 @@ def test_a_saved_partial_run_is_mentioned_and_a_mismatched_meta_is_detected(work
     # A finished-looking output whose metadata belongs to another run is not "already complete".
     (tmp_path / ".c.npy.partial").rmdir()
     Path(f"{target}.meta.json").write_text(json.dumps({"output": "c.npy", "count": 2000, "rows": []}))
-    assert "another output" in embed.published_mismatch(target)
+    assert "another output" in published_mismatch(target)
     assert main("embed", "captions.txt", "--out", target, "--model", "model", "--resume", cwd=work) == 2
     assert "pass --overwrite" in error_line(capsys)
-    with pytest.raises(embed.AltCLIPError, match="another output"):
-        embed.load_embeddings(target)
+    with pytest.raises(AltCLIPError, match="another output"):
+        load_embeddings(target)
 
 
 # ---------------------------------------------------------------------------------------------- 3: caption files
@@ -203,16 +207,16 @@ def test_captions_split_only_at_newlines_and_lose_the_bom(tmp_path):
     path = tmp_path / "captions.txt"
     text = "\ufefffirst\u2028same line\r\nsecond\x85still\fsecond\rtoo\n\nthird\r\n"
     path.write_bytes(text.encode("utf-8"))
-    inputs = embed.find_inputs(str(path))
+    inputs = find_inputs(str(path))
     assert inputs.items == ["first\u2028same line", "second\x85still\fsecond\rtoo", "third"]
     assert [r["line"] for r in inputs.rows] == [1, 2, 4]
     assert inputs.skipped == [{"line": 3, "reason": "blank line"}]
     # A last line without a newline is a line; a file of one newline has no captions.
     path.write_bytes(b"only")
-    assert embed.find_inputs(str(path)).items == ["only"]
+    assert find_inputs(str(path)).items == ["only"]
     path.write_bytes(b"\n")
-    with pytest.raises(embed.UsageError, match="no captions"):
-        embed.find_inputs(str(path))
+    with pytest.raises(UsageError, match="no captions"):
+        find_inputs(str(path))
 
 
 # ---------------------------------------------------------------------------------------------- 4: symlinks
@@ -244,10 +248,10 @@ def _reasons(inputs) -> dict[str, str]:
 @pytest.mark.parametrize("mode", ["folder", "glob"])
 def test_symlinks_each_file_once_never_loop_and_list_what_is_left_out(linked, mode):
     spec = str(linked) if mode == "folder" else f"{linked}/**/*.png"
-    inputs = embed.find_inputs(spec)
+    inputs = find_inputs(spec)
     rel = [os.path.relpath(p, linked) for p in inputs.items]
     assert rel == ["a/deep/two.png", "a/one.png", "b/three.png"]
-    assert len(set(inputs.keys)) == 3 and all(os.path.isabs(k) for k in inputs.keys)
+    assert len(set(inputs.identity)) == 3 and all(os.path.isabs(k) for k in inputs.identity)
     reasons = {os.path.relpath(p, linked): r for p, r in _reasons(inputs).items()}
     assert reasons["a/zz_again.png"].startswith("same file as") and reasons["a/zz_again.png"].endswith("a/one.png")
     assert reasons["a/broken.png"] == "broken symbolic link"
@@ -260,7 +264,7 @@ def test_glob_keeps_globs_matching_rules(tmp_path):
     (tmp_path / "p" / "q").mkdir()
     for name in ("p/a.png", "p/q/b.png", "p/q/c.jpg", "p/.hidden/d.png", "p/.e.png"):
         photo_like(8, 8).save(tmp_path / name)
-    found = lambda spec: [os.path.relpath(p, tmp_path) for p in embed.find_inputs(str(tmp_path / spec)).items]
+    found = lambda spec: [os.path.relpath(p, tmp_path) for p in find_inputs(str(tmp_path / spec)).items]
     assert found("p/**/*.png") == ["p/a.png", "p/q/b.png"]
     assert found("p/*.png") == ["p/a.png"]
     assert found("p/*/*") == ["p/q/b.png", "p/q/c.jpg"]
@@ -284,7 +288,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_model_loads(work, tmp
             raise OSError(code, os.strerror(code), str(path))
         return real_unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(embed, "open", denied, raising=False)
+    monkeypatch.setattr(files, "open", denied, raising=False)
     monkeypatch.setattr(os, "unlink", unlink)
     monkeypatch.setattr(cli, "Session", lambda args: pytest.fail("the model was loaded"))
     assert main("embed", "captions.txt", "--out", tmp_path / "x.npy", "--model", "model", cwd=work) == 2
@@ -320,7 +324,7 @@ def test_resume_is_keyed_on_resolved_paths_and_redoes_changed_files(work, tmp_pa
     common = ["--out", target, "--model", work / "model", "--batch-size", 2, *CPU_FP32]
     real_embed = interrupt_embedding_at(monkeypatch, 3)
     assert main("embed", "photos", *common, cwd=work) == 130  # batches 0 and 1 saved
-    monkeypatch.setattr(embed, "_embed", real_embed)
+    monkeypatch.setattr(encode, "encode", real_embed)
     capsys.readouterr()
 
     # Another directory, another spelling of the same folder: the same run. One file changed since.
@@ -339,7 +343,7 @@ def test_resume_is_keyed_on_resolved_paths_and_redoes_changed_files(work, tmp_pa
     assert main("embed", "photos", *common, "--overwrite", cwd=work) == 0
     interrupt_embedding_at(monkeypatch, 3)
     assert main("embed", "photos", *common, "--overwrite", cwd=work) == 130
-    monkeypatch.setattr(embed, "_embed", real_embed)
+    monkeypatch.setattr(encode, "encode", real_embed)
     capsys.readouterr()
     assert main("embed", "photos/sub", *common, "--resume", cwd=work) == 2
     line = error_line(capsys)

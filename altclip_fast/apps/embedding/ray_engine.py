@@ -1,12 +1,13 @@
-"""``embed --out-dir DIR --engine ray``: the same shards as the local engine, computed by Ray Data.
+"""``--engine ray``: the local engine's parts and shards, computed by Ray Data.
 
 Pipeline: the pending shards' inputs (listed by the driver, which keys ``--resume`` on them) ->
 decoding and resizing as CPU tasks (for webdataset, one task per tar, which reads the wanted
 members and decodes them) -> the model in an actor pool (``map_batches`` with a callable class,
 ``--ray-workers`` actors; with ``--with-text`` it embeds each sample's caption too), each batch
-saved by its actor as per-shard part files (``collection.save_part``, the local engine's format) ->
-one Ray task per shard that puts its parts back into listing order and writes the shard
-(``collection.assemble_shard``). So the driver never holds image bytes or embeddings, and the files are
+saved by its actor as per-shard part files (``parts.save_part``, the local engine's format) ->
+one Ray task per shard that hands its parts to the writer (``Writer.assemble``, which puts them
+back into listing order and writes the shard). So the driver never holds image bytes or embeddings,
+and the files are
 the local engine's. (A ``groupby(shard)`` would do the same through Ray's hash shuffle,
 whose aggregator actors a 2-CPU machine cannot fit next to the model actors.) Actors are restarted
 and their tasks retried when one dies (``max_restarts``/``max_task_retries``); a retried batch
@@ -23,13 +24,17 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
-from . import faults
-from .runtime import Session, SessionSettings, load_processor, resolve_model
+from ...errors import UsageError
+from .. import faults
+from ..runtime import Session, SessionSettings, load_processor, resolve_model
+from . import encode
+from .decode import decode_columns
+from .inputs import Listing, tar_images
+from .job import EmbedJob, Work, Writer
+from .parts import save_part
 
 
 def _ray():
@@ -49,58 +54,46 @@ def _ensure_ray(address: str | None):
 
 
 class Embedder:
-    """The actor: a batch of uint8 crops (``crop``, ``ok``) or captions (``text``) -> ``embedding``."""
+    """The actor (``modality`` "image" or "text"): a batch of uint8 crops (``crop``, ``ok``) or captions (``text``) -> ``embedding``."""
 
-    def __init__(self, settings: SessionSettings, kind: str, normalize: bool, kill_marker: str | None = None,
+    def __init__(self, settings: SessionSettings, modality: str, normalize: bool, kill_marker: str | None = None,
                  text_column: str | None = None):
         self.session = Session.from_settings(settings)
-        self.kind, self.normalize, self.kill_marker, self.text_column = kind, normalize, kill_marker, text_column
+        self.modality, self.normalize, self.kill_marker, self.text_column = modality, normalize, kill_marker, text_column
 
     def __call__(self, batch: dict) -> dict:
         import torch
-
-        from .embed import _embed
 
         faults.kill_actor_once(self.kill_marker)
         s = self.session
         dim = s.model.config.projection_dim
         n = len(batch["idx"])
-        if self.kind == "image":
+        if self.modality == "image":
             ok = np.asarray(batch["ok"], dtype=bool)
             out = np.zeros((n, dim), np.float32)
             if ok.any():
                 crops = torch.from_numpy(np.ascontiguousarray(np.stack(list(batch["crop"][ok]))))
-                out[ok] = _embed(s, "image", crops, self.normalize)
+                out[ok] = encode.encode(s, "image", crops, self.normalize)
             batch = {k: v for k, v in batch.items() if k != "crop"}
         else:
             enc = s.processor.tokenizer([str(t) for t in batch["text"]])
-            out = _embed(s, "text", enc, self.normalize)
+            out = encode.encode(s, "text", enc, self.normalize)
             batch = dict(batch, ok=np.ones(n, dtype=bool))
         batch["embedding"] = out
         if self.text_column:
             enc = s.processor.tokenizer([str(t) for t in batch[self.text_column]])
-            batch["text_embedding"] = _embed(s, "text", enc, self.normalize)
+            batch["text_embedding"] = encode.encode(s, "text", enc, self.normalize)
         return batch
 
 
 def _decoder(image_processor):
     """A batch's ``path`` (image files) or ``data`` (encoded images) -> ``crop``, ``ok``, ``reason``,
-    through the local engine's functions, so that crops and reasons are the same."""
+    through the one ``decode``, so that crops and reasons are the local engine's."""
 
     def decode(batch: dict) -> dict:
-        from .collection import _decode_bytes
-        from .embed import _ImageFiles
-
-        if "data" in batch:
-            results = [_decode_bytes((image_processor, d)) for d in batch["data"]]
-        else:
-            files = _ImageFiles([str(p) for p in batch["path"]], image_processor)
-            results = [files[i][1:] for i in range(len(files))]
-        size = (3, image_processor.crop_size["height"], image_processor.crop_size["width"])
+        sources = batch["data"] if "data" in batch else batch["path"]
         out = {k: v for k, v in batch.items() if k not in ("path", "data")}
-        out.update(crop=np.stack([c if c is not None else np.zeros(size, np.uint8) for c, _ in results]),
-                   ok=np.asarray([c is not None for c, _ in results]),
-                   reason=np.asarray([r or "" for _, r in results], dtype=object))
+        out.update(decode_columns(image_processor, sources))
         return out
 
     return decode
@@ -117,8 +110,6 @@ def _tar_reader(decode, batch_size: int):
     each member's bytes are read and decoded where the task runs, never on the driver."""
 
     def read(units: dict):
-        from .collection import tar_images
-
         for tar, records in zip(units["tar"], units["records"]):
             records = {r["idx"]: r for r in json.loads(records)}
             batch = []
@@ -134,18 +125,16 @@ def _tar_reader(decode, batch_size: int):
 
 
 class _ShardEmbedder(Embedder):
-    """The engine's actor: embeds a batch, then saves each shard's slice of it as a part file
-    (temporary name, then a rename) under ``DIR/.altclip-fast/parts/{shard}/``, and returns only
-    counts, so that the embeddings never travel to the driver. A retried batch rewrites its parts."""
+    """The engine's actor: embeds a batch, then saves each shard's slice of it as a part (``parts``)
+    under ``state``, and returns only counts, so that the embeddings never travel to the driver. A
+    retried batch rewrites its parts."""
 
-    def __init__(self, settings: SessionSettings, kind: str, normalize: bool, root: str, kill_marker: str | None = None,
-                 text_column: str | None = None):
-        super().__init__(settings, kind, normalize, kill_marker, text_column)
-        self.root = root
+    def __init__(self, settings: SessionSettings, modality: str, normalize: bool, state: str,
+                 kill_marker: str | None = None, text_column: str | None = None):
+        super().__init__(settings, modality, normalize, kill_marker, text_column)
+        self.state = state
 
     def __call__(self, batch: dict) -> dict:
-        from .collection import save_part
-
         batch = super().__call__(batch)
         shards = np.asarray(batch["shard"])
         idx = np.asarray(batch["idx"])
@@ -159,34 +148,31 @@ class _ShardEmbedder(Embedder):
             sel = shards == k
             part = {"idx": idx[sel], "ok": ok[sel], "reason": reasons[sel], "meta": metas[sel], "skip_path": where[sel],
                     **{name: np.asarray(batch[name])[sel] for name in embeddings}}
-            save_part(self.root, int(k), part)
+            save_part(self.state, int(k), part)
             counts.append((int(k), int(sel.sum())))
         return {"shard": np.asarray([c[0] for c in counts], dtype=np.int64),
                 "rows": np.asarray([c[1] for c in counts], dtype=np.int64)}
 
 
-def _assemble(root: str, width: int, schema, emb_dtype: str, kind: str, k: int, start: int, stop: int) -> list[dict]:
-    """A Ray task: shard ``k``'s parts -> its files (``collection.assemble_shard``); returns its skipped inputs."""
-    from .collection import Layout, assemble_shard
-
-    return assemble_shard(Layout(Path(root), width), k, schema, emb_dtype, kind, range(start, stop))["skipped"]
+def _assemble(writer: Writer, k: int, start: int, stop: int) -> list[dict]:
+    """A Ray task: shard ``k``'s parts -> the writer's files; returns its skipped inputs."""
+    return writer.assemble(k, range(start, stop))
 
 
-def _records(listing, shards, pending) -> list[dict]:
-    """One per pending input: where it goes (``idx``, ``shard``), its metadata, how skipped.parquet
-    names it, and how a worker reads it (``path``, ``tar`` and ``key``, or ``text``); with
-    --with-text, its caption in ``text``."""
-    from .collection import skipped_path
-
+def _records(work: Work) -> list[dict]:
+    """One per unsaved input of the pending shards: where it goes (``idx``, ``shard``), its metadata,
+    how skipped.parquet names it, and how a worker reads it (``path``, ``tar`` and ``key``, or
+    ``text``); with --with-text, its caption in ``text``."""
+    listing: Listing = work.listing
     records = []
-    for k in pending:
-        for i in shards[k]:
+    for k in work.pending:
+        for i in work.todo(k):
             record = {"idx": i, "shard": k, "meta": json.dumps(listing.rows[i], ensure_ascii=False),
-                      "skip_path": skipped_path(listing, i)}
+                      "skip_path": listing.skip_path(i)}
             if listing.source == "webdataset":
                 t, record["key"] = listing.items[i]
                 record["tar"] = os.path.abspath(listing.tars[t])
-            elif listing.kind == "image":
+            elif listing.modality == "image":
                 record["path"] = os.path.abspath(listing.items[i])
             else:
                 record["text"] = listing.items[i]
@@ -221,8 +207,9 @@ def _largest_node_cpus(ray) -> float:
     return max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1.0)
 
 
-def _embed_records(ray, job, listing, session, records: list[dict], root: str, gpus: float, cpus: float) -> None:
-    """Decode and embed ``records`` in Ray Data; the actors save each batch as part files."""
+def _embed_records(ray, job: EmbedJob, work: Work, session, records: list[dict], gpus: float, cpus: float) -> None:
+    """Decode and embed ``records`` in Ray Data; the actors save each batch as parts."""
+    listing = work.listing
     settings = session.settings(device="auto" if gpus else "cpu", threads=max(1, int(cpus)))
     decode = _decoder(session.processor.image_processor)
     if listing.source == "webdataset":
@@ -230,19 +217,19 @@ def _embed_records(ray, job, listing, session, records: list[dict], root: str, g
         # step of its own would be fused into the read anyway, with batch_size tars to one task.)
         units = _read_units(records)
         ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-            _tar_reader(decode, job.batch_size), batch_size=1, batch_format="numpy")
+            _tar_reader(decode, work.batch_size), batch_size=1, batch_format="numpy")
     else:
         ds = ray.data.from_items(records)
-        if listing.kind == "image":
-            ds = ds.map_batches(decode, batch_size=job.batch_size, batch_format="numpy")
+        if listing.modality == "image":
+            ds = ds.map_batches(decode, batch_size=work.batch_size, batch_format="numpy")
     # Ray Data's actor pools restart dead actors and retry their batches (max_restarts and
     # max_task_retries default to -1 there).
     ds = ds.map_batches(
-        _ShardEmbedder, fn_constructor_kwargs={"settings": settings, "kind": listing.kind, "normalize": job.normalize,
-                                               "root": root, "kill_marker": faults.actor_kill_marker(),
+        _ShardEmbedder, fn_constructor_kwargs={"settings": settings, "modality": listing.modality, "normalize": work.normalize,
+                                               "state": str(work.state), "kill_marker": faults.actor_kill_marker(),
                                                "text_column": "text" if listing.texts is not None else None},
         compute=ray.data.ActorPoolStrategy(size=job.ray_workers), num_gpus=gpus, num_cpus=cpus,
-        batch_size=job.batch_size, batch_format="numpy",
+        batch_size=work.batch_size, batch_format="numpy",
     )
     done = sorted({int(r["shard"]) for r in ds.take_all()})  # counts only: the driver holds no embeddings
     expected = sorted({int(r["shard"]) for r in records})
@@ -250,25 +237,20 @@ def _embed_records(ray, job, listing, session, records: list[dict], root: str, g
         raise RuntimeError(f"Ray embedded shards {done}, expected {expected}")
 
 
-def compute(job, listing, layout, schema, shards, pending, session) -> None:
-    import shutil
-
-    from .collection import saved_inputs, skipped_line
-
+def compute(work: Work, session, writer: Writer, job: EmbedJob) -> None:
+    """The local engine's ``compute``, on Ray. ``work.state`` must be an absolute path on storage every
+    node sees (Ray's workers do not share the driver's working directory)."""
     ray = _ensure_ray(job.ray_address)
     resources = ray.cluster_resources()
     gpus = job.ray_gpus_per_worker
     if gpus is None:
         gpus = 1 if resources.get("GPU", 0) else 0
     cpus = actor_cpus(resources.get("CPU", 1), _largest_node_cpus(ray), job.ray_workers, gpus, job.ray_cpus_per_worker)
-    root = str(layout.root.resolve())  # Ray's workers do not share the driver's working directory
-    saved = saved_inputs(root, pending)  # what a killed run saved is not embedded again
-    records = [r for r in _records(listing, shards, pending) if r["idx"] not in saved]
+    records = _records(work)
     if records:
-        _embed_records(ray, job, listing, session, records, root, gpus, cpus)
-    kind = "img" if listing.kind == "image" else "text"
+        _embed_records(ray, job, work, session, records, gpus, cpus)
     assemble = ray.remote(num_cpus=min(1.0, resources.get("CPU", 1)), max_retries=3)(_assemble)
-    queued = [(root, layout.width, schema, job.emb_dtype, kind, k, shards[k].start, shards[k].stop) for k in pending]
+    queued = [(writer, k, work.shards[k].start, work.shards[k].stop) for k in work.pending]
     # Every shard is assembled at once, except under the tests' driver-kill fault: there one at a time, so
     # that exactly that many shards are written when the driver dies (tasks in flight would outlive it).
     in_flight = 1 if faults.kills_after_shards() else len(queued)
@@ -278,12 +260,11 @@ def compute(job, listing, layout, schema, shards, pending, session) -> None:
     while waiting:
         done_refs, waiting = ray.wait(waiting, num_returns=1)
         for skip in ray.get(done_refs[0]):  # reported as the local engine does, a shard at a time
-            print(skipped_line(skip), file=sys.stderr)
+            print(writer.skipped_line(skip), file=sys.stderr)
         written += 1
         faults.after_shard(written)
         if queued:
             waiting.append(assemble.remote(*queued.pop(0)))
-    shutil.rmtree(layout.state / "parts", ignore_errors=True)
 
 
 def embed_dataset(ds, model: str, *, column: str = "image", kind: str | None = None, batch_size: int = 32,
@@ -316,7 +297,7 @@ def embed_dataset(ds, model: str, *, column: str = "image", kind: str | None = N
         ds = ds.map_batches(lambda b: {**b, "text": b[column]}, batch_size=batch_size, batch_format="numpy")
     ds = ds.map_batches(lambda b: {**b, "idx": np.arange(len(next(iter(b.values()))))}, batch_format="numpy")
     return ds.map_batches(
-        Embedder, fn_constructor_kwargs={"settings": settings, "kind": kind, "normalize": normalize},
+        Embedder, fn_constructor_kwargs={"settings": settings, "modality": kind, "normalize": normalize},
         compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker, num_cpus=cpus,
         batch_size=batch_size, batch_format="numpy",
     ).map_batches(lambda b: {k: v for k, v in b.items() if k not in ("idx", "crop")}, batch_format="numpy")

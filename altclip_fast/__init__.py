@@ -2,7 +2,7 @@
 
 Layers, each depending only on those below it::
 
-    apps            cli, embed, benchmark
+    apps            runtime, embedding pipeline, search, serve, cli, benchmark
     optimize        the in-place patch of a transformers model
     modeling        config, checkpoint, weights, layers, model, outputs
     preprocessing   tokenizer, image processor, processor

@@ -55,7 +55,7 @@ def test_legacy_config_dict_sections_override():
         "vision_config_dict": {"hidden_size": 96, "num_attention_heads": 6},
     })
     # As transformers: the `_dict` copy, completed with transformers' defaults, replaces the section
-    # (tests/altclip_fast/test_m9_m18.py compares with transformers reading such a file).
+    # (tests/altclip_fast/modeling/test_m9_m18.py compares with transformers reading such a file).
     assert (c.text_config.hidden_size, c.text_config.num_attention_heads) == (1024, 8)
     assert (c.vision_config.hidden_size, c.vision_config.patch_size) == (96, 32)
 

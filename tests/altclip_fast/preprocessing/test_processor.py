@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from altclip_fast.modeling.config import AltCLIPConfig
 from altclip_fast.errors import AltCLIPError

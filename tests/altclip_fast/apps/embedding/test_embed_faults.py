@@ -20,6 +20,7 @@ from altclip_fast.apps.embedding import encode, files
 from altclip_fast.apps.embedding.inputs import find_inputs
 from altclip_fast.apps.embedding.single_file import load_embeddings, published_mismatch
 from altclip_fast.errors import AltCLIPError, UsageError
+from tests.altclip_fast.apps.cli_helpers import cli_main, error_line
 from tests.altclip_fast.processor_fixtures import make_model_dir, photo_like
 
 pytest.importorskip("transformers")  # the tiny checkpoint is written by transformers
@@ -39,15 +40,6 @@ def work(tmp_path_factory) -> Path:
     return root
 
 
-def main(*args, cwd: Path) -> int:
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return cli.main([str(a) for a in args])
-    finally:
-        os.chdir(old)
-
-
 def interrupt_embedding_at(monkeypatch, call: int):
     """Ctrl-C during the ``call``-th model call from now on. Returns the real ``encode.encode``, to put back."""
     real, calls = encode.encode, []
@@ -60,13 +52,6 @@ def interrupt_embedding_at(monkeypatch, call: int):
 
     monkeypatch.setattr(encode, "encode", interrupting)
     return real
-
-
-def error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines and lines[-1].startswith("altclip-fast: error: "), lines
-    assert not any("Traceback" in line for line in lines)
-    return lines[-1]
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -126,7 +111,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_files(work, tmp_path, monkey
                                                           out, fragment, after, named, resumable):
     target = tmp_path / out
     fill_disk_at(monkeypatch, fragment, after)
-    code = main("embed", "captions.txt", "--out", target, "--model", work / "model", "--batch-size", 2,
+    code = cli_main("embed", "captions.txt", "--out", target, "--model", work / "model", "--batch-size", 2,
                 *CPU_FP32, cwd=work)
     line = error_line(capsys)
     assert code == 1
@@ -137,7 +122,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_files(work, tmp_path, monkey
     assert not target.exists() and not Path(f"{target}.meta.json").exists()
     if resumable:
         monkeypatch.undo()
-        assert main("embed", "captions.txt", "--out", target, "--model", work / "model", "--batch-size", 2,
+        assert cli_main("embed", "captions.txt", "--out", target, "--model", work / "model", "--batch-size", 2,
                     "--resume", *CPU_FP32, cwd=work) == 0
         embeddings, meta = load_embeddings(target, verify=True)
         assert embeddings.shape == (5, 12) and meta["count"] == 5
@@ -152,7 +137,7 @@ def test_the_output_is_written_without_a_memory_map(work, tmp_path, monkeypatch)
 
     monkeypatch.setattr(np.lib.format, "open_memmap", no_memmap)
     monkeypatch.setattr(np, "memmap", no_memmap)
-    assert main("embed", "captions.txt", "--out", tmp_path / "m.npy", "--model", "model", *CPU_FP32, cwd=work) == 0
+    assert cli_main("embed", "captions.txt", "--out", tmp_path / "m.npy", "--model", "model", *CPU_FP32, cwd=work) == 0
     assert np.load(tmp_path / "m.npy").shape == (5, 12)
 
 
@@ -162,12 +147,12 @@ def test_the_output_is_written_without_a_memory_map(work, tmp_path, monkeypatch)
 def test_ctrl_c_says_interrupted_once_and_overwrite_resume_keeps_the_batches(work, tmp_path, monkeypatch, capsys):
     target = tmp_path / "c.npy"
     cmd = ["embed", "captions.txt", "--out", target, "--model", "model", "--batch-size", 2, *CPU_FP32]
-    assert main(*cmd, cwd=work) == 0
+    assert cli_main(*cmd, cwd=work) == 0
     first = np.load(target)
     capsys.readouterr()
 
     real_embed = interrupt_embedding_at(monkeypatch, 2)
-    assert main(*cmd, "--overwrite", "--normalize", cwd=work) == 130
+    assert cli_main(*cmd, "--overwrite", "--normalize", cwd=work) == 130
     err = capsys.readouterr().err
     assert err.count("interrupted") == 1, err
     assert "1 of 3 batches are saved" in err and "--resume" in err
@@ -175,7 +160,7 @@ def test_ctrl_c_says_interrupted_once_and_overwrite_resume_keeps_the_batches(wor
 
     monkeypatch.setattr(encode, "encode", real_embed)
     # What the message says to run: the same command plus --resume. It must not discard the saved batch.
-    assert main(*cmd, "--overwrite", "--normalize", "--resume", cwd=work) == 0
+    assert cli_main(*cmd, "--overwrite", "--normalize", "--resume", cwd=work) == 0
     assert "2 reused from the interrupted run, 3 computed now" in capsys.readouterr().out
     embeddings, meta = load_embeddings(target)
     assert meta["normalized"] is True
@@ -186,7 +171,7 @@ def test_a_saved_partial_run_is_mentioned_and_a_mismatched_meta_is_detected(work
     target = tmp_path / "c.npy"
     np.save(target, np.zeros((3, 12), np.float32))
     (tmp_path / ".c.npy.partial").mkdir()
-    assert main("embed", "captions.txt", "--out", target, "--model", "model", cwd=work) == 2
+    assert cli_main("embed", "captions.txt", "--out", target, "--model", "model", cwd=work) == 2
     line = error_line(capsys)
     assert "interrupted run" in line and "--resume" in line
 
@@ -194,7 +179,7 @@ def test_a_saved_partial_run_is_mentioned_and_a_mismatched_meta_is_detected(work
     (tmp_path / ".c.npy.partial").rmdir()
     Path(f"{target}.meta.json").write_text(json.dumps({"output": "c.npy", "count": 2000, "rows": []}))
     assert "another output" in published_mismatch(target)
-    assert main("embed", "captions.txt", "--out", target, "--model", "model", "--resume", cwd=work) == 2
+    assert cli_main("embed", "captions.txt", "--out", target, "--model", "model", "--resume", cwd=work) == 2
     assert "pass --overwrite" in error_line(capsys)
     with pytest.raises(AltCLIPError, match="another output"):
         load_embeddings(target)
@@ -291,7 +276,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_model_loads(work, tmp
     monkeypatch.setattr(files, "open", denied, raising=False)
     monkeypatch.setattr(os, "unlink", unlink)
     monkeypatch.setattr(cli, "Session", lambda args: pytest.fail("the model was loaded"))
-    assert main("embed", "captions.txt", "--out", tmp_path / "x.npy", "--model", "model", cwd=work) == 2
+    assert cli_main("embed", "captions.txt", "--out", tmp_path / "x.npy", "--model", "model", cwd=work) == 2
     line = error_line(capsys)
     assert "cannot write in the folder" in line and str(tmp_path) in line and os.strerror(code) in line
     assert list(tmp_path.iterdir()) == []
@@ -300,7 +285,7 @@ def test_an_unwritable_output_folder_is_refused_before_the_model_loads(work, tmp
 def test_a_full_disk_at_the_start_is_status_1(work, tmp_path, monkeypatch, capsys):
     fill_disk_at(monkeypatch, ".probe-")
     monkeypatch.setattr(cli, "Session", lambda args: pytest.fail("the model was loaded"))
-    assert main("embed", "captions.txt", "--out", tmp_path / "x.npy", "--model", "model", cwd=work) == 1
+    assert cli_main("embed", "captions.txt", "--out", tmp_path / "x.npy", "--model", "model", cwd=work) == 1
     assert "no space left on device" in error_line(capsys) and list(tmp_path.iterdir()) == []
 
 
@@ -310,7 +295,7 @@ def test_a_read_only_output_folder_is_refused(work, tmp_path, capsys):
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        assert main("embed", "captions.txt", "--out", folder / "x.npy", "--model", "model", cwd=work) == 2
+        assert cli_main("embed", "captions.txt", "--out", folder / "x.npy", "--model", "model", cwd=work) == 2
         assert "cannot write in the folder" in error_line(capsys)
     finally:
         folder.chmod(0o755)
@@ -323,7 +308,7 @@ def test_resume_is_keyed_on_resolved_paths_and_redoes_changed_files(work, tmp_pa
     target = tmp_path / "p.npy"
     common = ["--out", target, "--model", work / "model", "--batch-size", 2, *CPU_FP32]
     real_embed = interrupt_embedding_at(monkeypatch, 3)
-    assert main("embed", "photos", *common, cwd=work) == 130  # batches 0 and 1 saved
+    assert cli_main("embed", "photos", *common, cwd=work) == 130  # batches 0 and 1 saved
     monkeypatch.setattr(encode, "encode", real_embed)
     capsys.readouterr()
 
@@ -332,7 +317,7 @@ def test_resume_is_keyed_on_resolved_paths_and_redoes_changed_files(work, tmp_pa
     st = changed.stat()
     os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     try:
-        assert main("embed", f"{work}/photos/../photos/", *common, "--resume", cwd=tmp_path) == 0
+        assert cli_main("embed", f"{work}/photos/../photos/", *common, "--resume", cwd=tmp_path) == 0
     finally:
         os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
     captured = capsys.readouterr()
@@ -340,12 +325,12 @@ def test_resume_is_keyed_on_resolved_paths_and_redoes_changed_files(work, tmp_pa
     assert "2 reused from the interrupted run, 3 computed now" in captured.out  # batch 0 (img0, img1) redone
 
     # Other inputs: a sentence that says what differs, not a digest.
-    assert main("embed", "photos", *common, "--overwrite", cwd=work) == 0
+    assert cli_main("embed", "photos", *common, "--overwrite", cwd=work) == 0
     interrupt_embedding_at(monkeypatch, 3)
-    assert main("embed", "photos", *common, "--overwrite", cwd=work) == 130
+    assert cli_main("embed", "photos", *common, "--overwrite", cwd=work) == 130
     monkeypatch.setattr(encode, "encode", real_embed)
     capsys.readouterr()
-    assert main("embed", "photos/sub", *common, "--resume", cwd=work) == 2
+    assert cli_main("embed", "photos/sub", *common, "--resume", cwd=work) == 2
     line = error_line(capsys)
     assert "not those of the interrupted run" in line and "no longer found" in line and "sha256" not in line
 
@@ -363,9 +348,9 @@ def test_a_second_run_on_the_same_output_is_refused(work, tmp_path, monkeypatch,
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX)
         monkeypatch.setattr(cli, "Session", lambda args: pytest.fail("the model was loaded"))
-        assert main("embed", "captions.txt", "--out", target, "--model", "model", "--overwrite", cwd=work) == 2
+        assert cli_main("embed", "captions.txt", "--out", target, "--model", "model", "--overwrite", cwd=work) == 2
         line = error_line(capsys)
         assert "another altclip-fast embed (pid 12345) is writing" in line
     monkeypatch.undo()
-    assert main("embed", "captions.txt", "--out", target, "--model", "model", *CPU_FP32, cwd=work) == 0
+    assert cli_main("embed", "captions.txt", "--out", target, "--model", "model", *CPU_FP32, cwd=work) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy", "c.npy.meta.json"]  # the lock file is gone

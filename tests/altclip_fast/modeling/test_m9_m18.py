@@ -171,7 +171,7 @@ def photos(tmp_path_factory) -> Path:
 
 
 def test_m18_classify_and_embed(checkpoints, photos, tmp_path):
-    from tests.altclip_fast.test_cli import CPU_FP32, run_cli
+    from tests.altclip_fast.apps.cli_helpers import CPU_FP32, run_cli
 
     path = checkpoints["m18"]
     hf = transformers.AltCLIPModel.from_pretrained(path).eval()

@@ -51,7 +51,7 @@ def _oracle(work):
 
 
 def test_classify_and_embed_with_image_size(work):
-    from tests.altclip_fast.test_cli import CPU_FP32, run_cli
+    from tests.altclip_fast.apps.cli_helpers import CPU_FP32, run_cli
 
     model, processor = _oracle(work)
     images = sorted(str(p) for p in (work / "photos").glob("*.png"))
@@ -79,7 +79,7 @@ def test_classify_and_embed_with_image_size(work):
 
 
 def test_image_size_below_the_patch_is_a_one_line_error(work):
-    from tests.altclip_fast.test_cli import CPU_FP32, assert_one_line_error, run_cli
+    from tests.altclip_fast.apps.cli_helpers import CPU_FP32, assert_one_line_error, run_cli
 
     proc = run_cli("classify", "photos/img0.png", "--labels", "cat", "--model", "model", "--image-size", 5,
                    *CPU_FP32, cwd=work)

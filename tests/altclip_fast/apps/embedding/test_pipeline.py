@@ -16,7 +16,7 @@ from altclip_fast.apps.embedding.decode import ImageFiles, collate_crops, decode
 from altclip_fast.apps.runtime import load_processor
 from altclip_fast.errors import AltCLIPError
 from tests.altclip_fast.processor_fixtures import make_model_dir, photo_like
-from tests.altclip_fast.test_embed_faults import error_line, main
+from tests.altclip_fast.apps.cli_helpers import cli_main, error_line
 
 pytest.importorskip("transformers")  # the tiny checkpoint is written by transformers
 
@@ -87,13 +87,13 @@ def test_sharded_resume_recomputes_a_changed_file_and_rewrites_its_finished_shar
     photos = tmp_path / "p"
     shutil.copytree(work / "photos", photos)
     cmd = ["embed", str(photos), "--out-dir", str(tmp_path / "o"), "--shard-size", 2, *CPU]
-    assert main(*cmd, cwd=work) == 0
+    assert cli_main(*cmd, cwd=work) == 0
     before = _emb(tmp_path / "o")
     untouched = {k: (tmp_path / "o" / "img_emb" / f"img_emb_{k}.npy").stat().st_mtime_ns for k in (0, 2)}
     capsys.readouterr()
 
     photo_like(33, 33, seed=99).save(photos / "2.png")  # another picture under the same name: shard 1
-    assert main(*cmd, "--resume", cwd=work) == 0
+    assert cli_main(*cmd, "--resume", cwd=work) == 0
     captured = capsys.readouterr()
     assert "1 input files changed" in captured.err and "2.png" in captured.err
     assert "2 shards reused, 1 computed" in captured.out
@@ -104,11 +104,11 @@ def test_sharded_resume_recomputes_a_changed_file_and_rewrites_its_finished_shar
     assert not np.array_equal(after[1][0], before[1][0])
     np.testing.assert_array_equal(after[1][1], before[1][1])
     # What a fresh run over today's files writes.
-    assert main("embed", str(photos), "--out-dir", str(tmp_path / "fresh"), "--shard-size", 2, *CPU, cwd=work) == 0
+    assert cli_main("embed", str(photos), "--out-dir", str(tmp_path / "fresh"), "--shard-size", 2, *CPU, cwd=work) == 0
     for a, b in zip(after, _emb(tmp_path / "fresh")):
         np.testing.assert_array_equal(a, b)
     # Nothing changed since: complete.
-    assert main(*cmd, "--resume", cwd=work) == 0
+    assert cli_main(*cmd, "--resume", cwd=work) == 0
     assert "already complete" in capsys.readouterr().out
 
 
@@ -123,12 +123,12 @@ def test_a_single_file_run_saved_by_an_older_version_is_refused_in_one_line(work
     (partial / "plan.json").write_text(json.dumps({"version": 2, "kind": "text", "batch_size": 2}))
     np.savez(partial / "batch-000000.npz", embeddings=np.ones((2, 12), np.float32), indices=np.arange(2),
              skipped=np.zeros(0, np.int64), reasons=np.zeros(0, str))
-    assert main("embed", "captions.txt", "--out", target, *flags, *CPU, cwd=work) == 2
+    assert cli_main("embed", "captions.txt", "--out", target, *flags, *CPU, cwd=work) == 2
     line = error_line(capsys)
     assert "older altclip-fast" in line and "version that started it" in line and "--overwrite" in line
     assert (partial / "batch-000000.npz").is_file() and not target.exists()  # left as it was
 
-    assert main("embed", "captions.txt", "--out", target, *flags, "--overwrite", *CPU, cwd=work) == 0
+    assert cli_main("embed", "captions.txt", "--out", target, *flags, "--overwrite", *CPU, cwd=work) == 0
     assert "starting over" in capsys.readouterr().err
     assert np.load(target).shape == (3, 12) and not partial.exists()
 
@@ -139,10 +139,10 @@ def test_an_out_dir_saved_by_an_older_version_is_refused_in_one_line(work, tmp_p
     (out / ".altclip-fast" / "plan.json").write_text(json.dumps({"version": 1, "inputs_sha256": "x"}))
     (out / "img_emb").mkdir()
     cmd = ["embed", "photos", "--out-dir", str(out), "--shard-size", 4, *CPU]
-    assert main(*cmd, "--resume", cwd=work) == 2
+    assert cli_main(*cmd, "--resume", cwd=work) == 2
     line = error_line(capsys)
     assert "older altclip-fast (plan version 1)" in line and "--overwrite" in line
-    assert main(*cmd, "--resume", "--overwrite", cwd=work) == 0
+    assert cli_main(*cmd, "--resume", "--overwrite", cwd=work) == 0
     assert sum(len(e) for e in _emb(out)) == 6
 
 
@@ -165,7 +165,7 @@ def test_webdataset_members_are_taken_for_the_one_list_of_image_extensions(work,
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    assert main("embed", str(tmp_path / "s.tar"), "--out-dir", str(tmp_path / "o"), *CPU, cwd=work) == 0
+    assert cli_main("embed", str(tmp_path / "s.tar"), "--out-dir", str(tmp_path / "o"), *CPU, cwd=work) == 0
     rows = pq.read_table(tmp_path / "o" / "metadata" / "metadata_0.parquet").to_pylist()
     assert [Path(r["image_path"]).name for r in rows] == ["a.bmp", "b.tiff"]
     skipped = pq.read_table(tmp_path / "o" / "skipped.parquet").to_pylist()
@@ -207,7 +207,7 @@ def test_a_single_file_run_resumes_with_another_batch_size(work, tmp_path, monke
     from altclip_fast.apps.embedding import encode
 
     full = tmp_path / "full.npy"
-    assert main("embed", "photos", "--out", full, "--batch-size", 4, *CPU, cwd=work) == 0
+    assert cli_main("embed", "photos", "--out", full, "--batch-size", 4, *CPU, cwd=work) == 0
     real, calls = encode.encode, []
 
     def interrupting(*args, **kwargs):
@@ -218,9 +218,9 @@ def test_a_single_file_run_resumes_with_another_batch_size(work, tmp_path, monke
 
     target = tmp_path / "p.npy"
     monkeypatch.setattr(encode, "encode", interrupting)
-    assert main("embed", "photos", "--out", target, "--batch-size", 2, *CPU, cwd=work) == 130
+    assert cli_main("embed", "photos", "--out", target, "--batch-size", 2, *CPU, cwd=work) == 130
     monkeypatch.setattr(encode, "encode", real)
     capsys.readouterr()
-    assert main("embed", "photos", "--out", target, "--batch-size", 3, "--resume", *CPU, cwd=work) == 0
+    assert cli_main("embed", "photos", "--out", target, "--batch-size", 3, "--resume", *CPU, cwd=work) == 0
     assert "2 reused from the interrupted run, 4 computed now" in capsys.readouterr().out
     np.testing.assert_allclose(np.load(target), np.load(full), rtol=1e-5, atol=1e-6)

@@ -3,79 +3,32 @@ random checkpoint. The SIGKILL test needs a process of its own; the rest run in 
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.altclip_fast.processor_fixtures import make_model_dir, photo_like
-from tests.altclip_fast.test_cli import run_cli
-from tests.altclip_fast.test_embed_faults import main  # the CLI in-process, from a folder
+from tests.altclip_fast.apps.cli_helpers import cli_main, run_cli
+from tests.altclip_fast.apps.embedding.collection_data import CPU, metadata, shards, write_collection
+from tests.altclip_fast.processor_fixtures import photo_like
 
 pytest.importorskip("transformers")  # the tiny checkpoint is written by transformers
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-CPU = ["--model", "model", "--device", "cpu", "--dtype", "fp32", "--workers", "0", "--no-progress"]
 
 
-
-
-def _jpeg(w, h, seed) -> bytes:
-    buf = io.BytesIO()
-    photo_like(w, h, seed=seed).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("collection")
-    make_model_dir(root / "model")
-    photos = root / "photos"
-    (photos / "sub").mkdir(parents=True)
-    for i, (w, h) in enumerate([(40, 30), (30, 40), (33, 33), (50, 31), (31, 50), (44, 36)]):
-        photo_like(w, h, seed=i).save((photos if i < 3 else photos / "sub") / f"img{i}.png")
-    (photos / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    (root / "captions.txt").write_text("a cat\na dog\n\nun chat\n一只狗\n", encoding="utf-8")
-    wds = root / "wds"
-    wds.mkdir()
-    _tar(wds / "00000.tar", [
-        ("s0.jpg", _jpeg(40, 30, 10)), ("s0.txt", b"a cat"), ("s0.json", b'{"width": 40, "source": "x"}'),
-        ("s1.jpg", b"corrupt bytes"), ("s1.txt", b"a dog"),
-        ("s2.png", (lambda b: (photo_like(30, 40, seed=11).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO())),
-        ("s2.txt", "un chat".encode()),
-        ("s3.txt", b"caption without an image"),
-    ])
-    _tar(wds / "00001.tar", [("t0.jpg", _jpeg(33, 33, 12)), ("t0.txt", b"ein Hund"), ("t1.jpg", _jpeg(36, 30, 13)),
-                             ("t1.txt", b"a red car")])
-    whole = (wds / "00001.tar").read_bytes()
-    cut = whole.index(b"t1.jpg") + 512 + 100  # t1.jpg's header and part of its data
-    (wds / "00002.tar").write_bytes(whole[:cut])  # truncated inside its second sample
-    return root
-
-
-def shards(out: Path, kind: str = "img") -> list[np.ndarray]:
-    return [np.load(p) for p in sorted((out / f"{kind}_emb").glob("*.npy"))]
-
-
-def metadata(out: Path) -> list[dict]:
-    return [row for p in sorted((out / "metadata").glob("*.parquet")) for row in pq.read_table(p).to_pylist()]
+    return write_collection(tmp_path_factory.mktemp("collection"))
 
 
 @pytest.fixture(scope="module")
 def folder_run(work):
-    assert main("embed", "photos", "--out-dir", "out", "--shard-size", 3, *CPU, cwd=work) == 0
+    assert cli_main("embed", "photos", "--out-dir", "out", "--shard-size", 3, *CPU, cwd=work) == 0
     return work / "out"
 
 
@@ -99,7 +52,7 @@ def test_sharded_layout_schema_and_rows_match_single_file_embed(work, folder_run
     assert skipped.schema.names == ["path", "key", "reason"]
     assert skipped.column("path").to_pylist() == ["photos/sub/broken.jpg"]
     # The same rows as today's single-file embed, within float16's tolerance.
-    assert main("embed", "photos", "--out", "single.npy", "--normalize", "--batch-size", 5, *CPU, cwd=work) == 0
+    assert cli_main("embed", "photos", "--out", "single.npy", "--normalize", "--batch-size", 5, *CPU, cwd=work) == 0
     np.testing.assert_allclose(rows, np.load(work / "single.npy"), atol=2e-3)
 
 
@@ -109,8 +62,8 @@ def test_resume_after_sigkill_recomputes_only_missing_shards(work, folder_run):
     assert proc.returncode == -9, proc.stderr
     out = work / "killed"
     assert (out / "img_emb" / "img_emb_0.npy").is_file() and not (out / "skipped.parquet").exists()
-    assert main(*cmd, cwd=work) == 2  # not without --resume
-    changed = main(*cmd, "--emb-dtype", "float32", "--resume", cwd=work)
+    assert cli_main(*cmd, cwd=work) == 2  # not without --resume
+    changed = cli_main(*cmd, "--emb-dtype", "float32", "--resume", cwd=work)
     assert changed == 2  # the settings changed: refused
     proc = run_cli(*cmd, "--resume", cwd=work)
     assert proc.returncode == 0, proc.stderr
@@ -119,14 +72,14 @@ def test_resume_after_sigkill_recomputes_only_missing_shards(work, folder_run):
         np.testing.assert_array_equal(a, b)
     assert metadata(out) == metadata(folder_run)
     assert not [p for p in out.rglob("*.tmp")]
-    assert main(*cmd, "--resume", cwd=work) == 0  # complete: nothing to do
+    assert cli_main(*cmd, "--resume", cwd=work) == 0  # complete: nothing to do
 
 
 def test_resume_reuses_the_saved_batches_of_an_unfinished_shard(work):
     """Killed inside a shard: --resume takes the batches that shard had saved (shown by one that was
     altered on disk coming through) and computes only the rest; everything else is a fresh run's."""
     cmd = ["embed", "photos", "--out-dir", "mid", "--shard-size", 3, "--batch-size", 1, *CPU]
-    assert main("embed", "photos", "--out-dir", "mid_fresh", "--shard-size", 3, "--batch-size", 1, *CPU, cwd=work) == 0
+    assert cli_main("embed", "photos", "--out-dir", "mid_fresh", "--shard-size", 3, "--batch-size", 1, *CPU, cwd=work) == 0
     proc = run_cli(*cmd, cwd=work, env={"_ALTCLIP_FAST_CRASH_AFTER_BATCHES": "5"})
     assert proc.returncode == -9, proc.stderr
     out = work / "mid"
@@ -159,15 +112,15 @@ def test_resume_refuses_a_changed_listing(work, tmp_path):
     for i in range(3):
         photo_like(30, 30, seed=i).save(photos / f"{i}.png")
     cmd = ["embed", str(photos), "--out-dir", str(tmp_path / "o"), "--shard-size", 2, *CPU]
-    assert main(*cmd, cwd=work) == 0
+    assert cli_main(*cmd, cwd=work) == 0
     photo_like(30, 30, seed=9).save(photos / "3.png")
-    assert main(*cmd, "--resume", cwd=work) == 2
-    assert main(*cmd, "--overwrite", cwd=work) == 0
+    assert cli_main(*cmd, "--resume", cwd=work) == 2
+    assert cli_main(*cmd, "--overwrite", cwd=work) == 0
     assert sum(len(p) for p in shards(tmp_path / "o")) == 4
 
 
 def test_captions_into_text_emb(work):
-    assert main("embed", "captions.txt", "--out-dir", "caps", "--emb-dtype", "float32", *CPU, cwd=work) == 0
+    assert cli_main("embed", "captions.txt", "--out-dir", "caps", "--emb-dtype", "float32", *CPU, cwd=work) == 0
     out = work / "caps"
     (emb,) = shards(out, "text")
     assert emb.shape == (4, 12) and emb.dtype == np.float32
@@ -177,7 +130,7 @@ def test_captions_into_text_emb(work):
 
 def test_webdataset_with_text_corrupt_member_and_truncated_tar(work):
     pytest.importorskip("webdataset")
-    assert main("embed", "wds/{00000..00002}.tar", "--out-dir", "wout", "--with-text", *CPU, cwd=work) == 0
+    assert cli_main("embed", "wds/{00000..00002}.tar", "--out-dir", "wout", "--with-text", *CPU, cwd=work) == 0
     out = work / "wout"
     meta = metadata(out)
     keys = [m["key"] for m in meta]
@@ -193,7 +146,7 @@ def test_webdataset_with_text_corrupt_member_and_truncated_tar(work):
     # the truncated copy's first sample came through before the damage
     assert [m["key"] for m in meta].count("t0") == 2
     # text rows are the captions' embeddings, aligned with the image rows
-    assert main("embed", "wds/00001.tar", "--out-dir", "wtxt", "--with-text", *CPU, cwd=work) == 0
+    assert cli_main("embed", "wds/00001.tar", "--out-dir", "wtxt", "--with-text", *CPU, cwd=work) == 0
     np.testing.assert_allclose(shards(work / "wtxt", "text")[0].astype(np.float32),
                                txt[2:4].astype(np.float32), atol=2e-3)
 
@@ -202,7 +155,7 @@ def test_search_self_retrieval(work, folder_run, capsys):
     from altclip_fast.apps.search import Index
 
     capsys.readouterr()
-    assert main("search", "out", "--image", "photos/sub/img4.png", "--top-k", 3, "--json",
+    assert cli_main("search", "out", "--image", "photos/sub/img4.png", "--top-k", 3, "--json",
                 "--device", "cpu", "--dtype", "fp32", cwd=work) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 3 and hits[0]["image_path"] == "photos/sub/img4.png"
@@ -217,25 +170,25 @@ def test_search_self_retrieval(work, folder_run, capsys):
     np.testing.assert_allclose(scores, -np.sort(-dense, axis=1)[:, :4], atol=1e-5)
     starts = np.cumsum([0] + [len(s) for s in shards(folder_run)])
     assert (starts[shard_ids] + row_ids == np.argsort(-dense, axis=1)[:, :4]).all()
-    assert main("search", "out", "--text", "a cat", "--device", "cpu", cwd=work) == 0
+    assert cli_main("search", "out", "--text", "a cat", "--device", "cpu", cwd=work) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 6  # top 10 of 6 rows
 
 
 def test_usage_errors(work, capsys):
-    assert main("embed", "photos", "--model", "model", cwd=work) == 2
+    assert cli_main("embed", "photos", "--model", "model", cwd=work) == 2
     assert "exactly one of --out" in capsys.readouterr().err
-    assert main("embed", "photos", "--out", "x.npy", "--shard-size", "4", "--model", "model", cwd=work) == 2
+    assert cli_main("embed", "photos", "--out", "x.npy", "--shard-size", "4", "--model", "model", cwd=work) == 2
     assert "--shard-size needs --out-dir" in capsys.readouterr().err
-    assert main("embed", "captions.txt", "--out-dir", "e", "--with-text", *CPU, cwd=work) == 2
+    assert cli_main("embed", "captions.txt", "--out-dir", "e", "--with-text", *CPU, cwd=work) == 2
     assert "--with-text needs webdataset input" in capsys.readouterr().err
-    assert main("search", "photos", "--text", "x", cwd=work) == 2
+    assert cli_main("search", "photos", "--text", "x", cwd=work) == 2
     assert "not an embed --out-dir collection" in capsys.readouterr().err
     # Checked before Ray (or the model) is touched.
-    assert main("embed", "photos", "--out-dir", "r", "--engine", "ray", "--ray-workers", "0", *CPU, cwd=work) == 2
+    assert cli_main("embed", "photos", "--out-dir", "r", "--engine", "ray", "--ray-workers", "0", *CPU, cwd=work) == 2
     assert "--ray-workers must be at least 1, got 0" in capsys.readouterr().err
-    assert main("embed", "photos", "--out-dir", "r", "--engine", "ray", "--ray-cpus-per-worker", "0", *CPU, cwd=work) == 2
+    assert cli_main("embed", "photos", "--out-dir", "r", "--engine", "ray", "--ray-cpus-per-worker", "0", *CPU, cwd=work) == 2
     assert "--ray-cpus-per-worker must be above 0, got 0.0" in capsys.readouterr().err
-    assert main("embed", "photos", "--out-dir", "r", "--engine", "ray", "--ray-gpus-per-worker", "-1", *CPU, cwd=work) == 2
+    assert cli_main("embed", "photos", "--out-dir", "r", "--engine", "ray", "--ray-gpus-per-worker", "-1", *CPU, cwd=work) == 2
     assert "--ray-gpus-per-worker must be at least 0, got -1.0" in capsys.readouterr().err
 
 

@@ -8,7 +8,6 @@ import (2-4 s), so runs are shared through module fixtures where the assertions 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,41 +18,10 @@ import pytest
 import torch
 
 from altclip_fast.preprocessing.processor import AltCLIPProcessor
+from tests.altclip_fast.apps.cli_helpers import CPU_FP32, assert_one_line_error, run_cli
 from tests.altclip_fast.processor_fixtures import make_model_dir, photo_like
 
 transformers = pytest.importorskip("transformers")
-
-REPO = Path(__file__).resolve().parents[2]
-CPU_FP32 = ["--device", "cpu", "--dtype", "fp32"]
-
-
-def _command() -> list[str]:
-    """The installed console script when it is there (pip install -e .), else the same entry point."""
-    script = shutil.which("altclip-fast")
-    return [script] if script else [sys.executable, "-m", "altclip_fast.apps.cli"]
-
-
-def run_cli(*args, cwd: Path, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "HF_HUB_OFFLINE": "1",  # no test may try the network
-        "HF_HOME": str(cwd / "hf_home"),
-        **(env or {}),
-    }
-    return subprocess.run(
-        _command() + [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True,
-        encoding="utf-8", timeout=timeout,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, expected: str, code: int = 2) -> None:
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == code, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("altclip-fast: error: "), proc.stderr
-    assert expected in lines[0], lines[0]
-
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:

@@ -9,13 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.altclip_fast.test_cli import run_cli
-from tests.altclip_fast.test_collection import CPU, main, metadata, shards, work  # noqa: F401 (fixture)
+from tests.altclip_fast.apps.cli_helpers import cli_main, run_cli
+from tests.altclip_fast.apps.embedding.collection_data import CPU, metadata, shards, write_collection
 
 pytest.importorskip("transformers")
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pytest.importorskip("pyarrow")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return write_collection(tmp_path_factory.mktemp("collection_ray"))
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +35,8 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def local_run(work):  # noqa: F811
-    assert main("embed", "photos", "--out-dir", "ray_local", "--shard-size", 3, "--batch-size", 2, *CPU, cwd=work) == 0
+def local_run(work):
+    assert cli_main("embed", "photos", "--out-dir", "ray_local", "--shard-size", 3, "--batch-size", 2, *CPU, cwd=work) == 0
     return work / "ray_local"
 
 
@@ -48,22 +53,22 @@ def _same(a, b):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_ray_engine_writes_the_local_engines_shards(work, local_ray, local_run):  # noqa: F811
-    assert main("embed", "photos", "--out-dir", "ray_two", "--shard-size", 3, "--batch-size", 2, "--engine", "ray",
+def test_ray_engine_writes_the_local_engines_shards(work, local_ray, local_run):
+    assert cli_main("embed", "photos", "--out-dir", "ray_two", "--shard-size", 3, "--batch-size", 2, "--engine", "ray",
                 "--ray-workers", 2, *CPU, cwd=work) == 0
     _same(work / "ray_two", local_run)
 
 
-def test_ray_actor_killed_mid_run_is_restarted(work, local_ray, local_run, monkeypatch, tmp_path):  # noqa: F811
+def test_ray_actor_killed_mid_run_is_restarted(work, local_ray, local_run, monkeypatch, tmp_path):
     marker = tmp_path / "killed-once"
     monkeypatch.setenv("_ALTCLIP_FAST_RAY_KILL_ACTOR_ONCE", str(marker))
-    assert main("embed", "photos", "--out-dir", "ray_killed", "--shard-size", 3, "--batch-size", 2,
+    assert cli_main("embed", "photos", "--out-dir", "ray_killed", "--shard-size", 3, "--batch-size", 2,
                 "--engine", "ray", *CPU, cwd=work) == 0
     assert marker.exists()  # an actor did die
     _same(work / "ray_killed", local_run)  # every row exactly once, in order
 
 
-def test_embed_dataset_api(work, local_ray, local_run):  # noqa: F811
+def test_embed_dataset_api(work, local_ray, local_run):
     from altclip_fast.apps.embedding.ray_engine import embed_dataset
 
     paths = [m["image_path"] for m in metadata(local_run)]
@@ -75,7 +80,7 @@ def test_embed_dataset_api(work, local_ray, local_run):  # noqa: F811
     np.testing.assert_allclose(got, expected, atol=2e-3)
 
 
-def test_ray_driver_killed_mid_run_is_finished_by_resume(work, local_ray, local_run):  # noqa: F811
+def test_ray_driver_killed_mid_run_is_finished_by_resume(work, local_ray, local_run):
     # The driver runs in a process of its own, on this module's Ray, and is SIGKILLed after one shard.
     address = ray.get_runtime_context().gcs_address
     cmd = ["embed", "photos", "--out-dir", "ray_driver_killed", "--shard-size", 3, "--batch-size", 2,
@@ -109,12 +114,12 @@ def test_ray_driver_killed_mid_run_is_finished_by_resume(work, local_ray, local_
     assert not list(out.rglob("*.tmp")) and not (out / ".altclip-fast" / "parts").exists()
 
 
-def test_ray_engine_on_webdataset_with_text(work, local_ray, monkeypatch, capsys):  # noqa: F811
+def test_ray_engine_on_webdataset_with_text(work, local_ray, monkeypatch, capsys):
     # A corrupt member (s1), a sample without an image (s3) and a truncated tar (00002), in shards of
     # two that cross tars.
     pytest.importorskip("webdataset")
     cmd = ["embed", "wds/{00000..00002}.tar", "--with-text", "--shard-size", 2, "--batch-size", 2, *CPU]
-    assert main(*cmd, "--out-dir", "wds_local", cwd=work) == 0
+    assert cli_main(*cmd, "--out-dir", "wds_local", cwd=work) == 0
     local_skips = sorted(line for line in capsys.readouterr().err.splitlines() if "altclip-fast: skipped" in line)
     assert len(local_skips) == 3
 
@@ -122,7 +127,7 @@ def test_ray_engine_on_webdataset_with_text(work, local_ray, monkeypatch, capsys
         raise AssertionError("the driver read tar members")
 
     monkeypatch.setattr("altclip_fast.apps.embedding.inputs.tar_images", on_the_driver)  # Ray's workers do not see this
-    assert main(*cmd, "--out-dir", "wds_ray", "--engine", "ray", cwd=work) == 0
+    assert cli_main(*cmd, "--out-dir", "wds_ray", "--engine", "ray", cwd=work) == 0
     _same(work / "wds_ray", work / "wds_local")
     ray_skips = sorted(line for line in capsys.readouterr().err.splitlines() if "altclip-fast: skipped" in line)
     assert ray_skips == local_skips  # the same lines on the console too, tar#key each

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from altclip_fast.apps import cli
 
-REPO = Path(__file__).resolve().parents[4]
+REPO = Path(__file__).resolve().parents[3]
 CPU_FP32 = ["--device", "cpu", "--dtype", "fp32"]
 
 

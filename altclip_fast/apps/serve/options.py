@@ -72,10 +72,17 @@ class ServeOptions:
                                  help="longest wait for a batch to fill (default: 5)")
     max_queue: int = setting(1024, flag="--max-queue", minimum=1,
                              help="queued items before answering 429 (default: 1024)")
-    max_request_bytes: int = setting(32 * 1024 * 1024, flag="--max-request-bytes", minimum=1,
-                                     help="largest request body, else 413 (default: 32 MiB)")
-    max_request_items: int = setting(2048, flag="--max-request-items", minimum=1,
-                                     help="inputs per request, else 413 (default: 2048)")
+    max_request_bytes: int = setting(
+        4 * 1024 * 1024, flag="--max-request-bytes", minimum=1,
+        help="largest request body, else 413 (default: 4 MiB: room for a few photos in base64, which is 4/3 of "
+             "the file; the whole body is read and parsed before any field is checked, so a larger limit costs "
+             "memory and parse time per request)")
+    max_request_items: int = setting(1024, flag="--max-request-items", minimum=1,
+                                     help="inputs per request, else 413; keep it at most --max-queue, which must "
+                                          "hold a whole request (default: 1024)")
+    max_classify_pairs: int = setting(65536, flag="--max-classify-pairs", minimum=1,
+                                      help="images x labels per /v1/classify request, else 413: the answer holds "
+                                           "one probability per pair (default: 65536)")
     label_cache_size: int = setting(4096, flag="--label-cache", minimum=0,
                                     help="classification label rows kept for reuse, least recently used out first; "
                                          "0 keeps none (default: 4096)")

@@ -23,9 +23,16 @@ BEFORE = [
     ("--max-batch-images", "max_batch_images", 32, int, "images per batch (default: 32)"),
     ("--max-wait-ms", "max_wait_ms", 5.0, float, "longest wait for a batch to fill (default: 5)"),
     ("--max-queue", "max_queue", 1024, int, "queued items before answering 429 (default: 1024)"),
-    ("--max-request-bytes", "max_request_bytes", 32 * 1024 * 1024, int,
-     "largest request body, else 413 (default: 32 MiB)"),
-    ("--max-request-items", "max_request_items", 2048, int, "inputs per request, else 413 (default: 2048)"),
+    # Issue 22: 4 MiB (was 32) and 1024 items (was 2048, more than the default queue holds).
+    ("--max-request-bytes", "max_request_bytes", 4 * 1024 * 1024, int,
+     "largest request body, else 413 (default: 4 MiB: room for a few photos in base64, which is 4/3 of the file; "
+     "the whole body is read and parsed before any field is checked, so a larger limit costs memory and parse "
+     "time per request)"),
+    ("--max-request-items", "max_request_items", 1024, int,
+     "inputs per request, else 413; keep it at most --max-queue, which must hold a whole request (default: 1024)"),
+    ("--max-classify-pairs", "max_classify_pairs", 65536, int,
+     "images x labels per /v1/classify request, else 413: the answer holds one probability per pair "
+     "(default: 65536)"),
     ("--label-cache", "label_cache_size", 4096, int,
      "classification label rows kept for reuse, least recently used out first; 0 keeps none (default: 4096)"),
 ]
@@ -67,6 +74,12 @@ def test_the_argparse_defaults_and_help_are_the_dataclass_fields():
     assert Listen() == Listen.from_args(_parser().parse_args([]))
 
 
+def test_a_request_of_the_default_most_items_fits_the_default_queue():
+    """Else requests of max_queue + 1 .. max_request_items items pass one limit and fail the other."""
+    defaults = ServeOptions()
+    assert defaults.max_request_items <= defaults.max_queue
+
+
 def test_from_args_fills_the_options():
     args = _parser().parse_args(["--max-queue", "7", "--max-wait-ms", "0", "--label-cache", "0"])
     options = ServeOptions.from_args(args, health_ttl_s=0)
@@ -91,6 +104,7 @@ def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     (["--max-batch-images", "-3"], "--max-batch-images must be at least 1, got -3"),
     (["--max-request-bytes", "0"], "--max-request-bytes must be at least 1, got 0"),
     (["--max-request-items", "0"], "--max-request-items must be at least 1, got 0"),
+    (["--max-classify-pairs", "0"], "--max-classify-pairs must be at least 1, got 0"),
     (["--preprocess-workers", "0"], "--preprocess-workers must be at least 1, got 0"),
     (["--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),
     (["--label-cache", "-1"], "--label-cache must be at least 0, got -1"),

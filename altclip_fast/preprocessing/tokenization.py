@@ -97,6 +97,18 @@ class AltCLIPTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def longest_piece(self) -> int:
+        """Characters in the longest vocabulary entry (added tokens included)."""
+        if not hasattr(self, "_longest_piece"):
+            self._longest_piece = max(len(piece) for piece in self._tokenizer.get_vocab(with_added_tokens=True))
+        return self._longest_piece
+
+    def normalize(self, text: str) -> str:
+        """``text`` as the tokenizer's normaliser leaves it (unchanged when it has none)."""
+        normalizer = self._tokenizer.normalizer
+        return text if normalizer is None else normalizer.normalize_str(text)
+
     def limit(self, max_length: int | None = None) -> int | None:
         """The longest sequence, special tokens included, that truncation cuts to."""
         limits = [n for n in (max_length, self.model_max_length, self.max_text_length) if n]

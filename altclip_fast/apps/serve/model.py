@@ -1,16 +1,16 @@
 """``ServedModel``: the model and processor as the server uses them. ``tokenize`` runs in the prep
-threads; ``run_batch`` (the batcher's batch function) and ``probe`` run in the one thread that owns the
+threads, each with its own tokenizer (``tokens.TextTokens``: no lock, long texts cut before they are
+tokenized, token arrays checked and truncated alike); ``run_batch`` (the batcher's batch function) and ``probe`` run in the one thread that owns the
 model. Rows come back L2-normalised as float32; a batch with non-finite rows fails as a whole.
 """
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from .. import faults
 from .batching import BatchFailed
+from .tokens import TextTokens
 
 __all__ = ["ServedModel"]
 
@@ -25,7 +25,9 @@ class ServedModel:
         self.interpolate_pos_encoding = interpolate_pos_encoding
         self.dim = int(model.config.projection_dim)
         self.logit_scale = float(model.logit_scale.detach().float().exp())
-        self._tokenizer_lock = threading.Lock()  # the tokenizers object is reconfigured per call
+        self.tokens = TextTokens(processor.tokenizer)
+        # Token ids a client may send: what both the tokenizer and the embedding table know.
+        self.vocab_size = min(processor.tokenizer.vocab_size, int(model.config.text_config.vocab_size))
         self._torch = torch
 
     @classmethod
@@ -33,10 +35,9 @@ class ServedModel:
         return cls(session.model, session.processor, device=session.device, dtype=session.dtype,
                    interpolate_pos_encoding=session.interpolate_pos_encoding)
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids, truncated to what the model embeds, as the CLI truncates."""
-        with self._tokenizer_lock:
-            return self.processor.tokenizer(texts, padding=False, truncation=True, return_tensors=None)["input_ids"]
+    def tokenize(self, items: list) -> list[list[int]]:
+        """Token ids of texts or token arrays, truncated to what the model embeds, as the CLI truncates."""
+        return self.tokens(items)
 
     def prepare_image(self, image) -> np.ndarray:
         """A decoded image -> the processor's ``uint8 [3, H, W]`` crop."""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,9 +32,9 @@ from .label_cache import LabelCache
 from .metrics import Metrics
 from .model import ServedModel
 from .options import ServeOptions
-from .schemas import ApiError, ClassifyRequest, EmbeddingRequest, error_body, read_json
+from .schemas import EXTRA_CONTAINERS, ApiError, ClassifyRequest, EmbeddingRequest, error_body, parse_body, read_body
 
-__all__ = ["Rows", "Routes", "create_app", "encode", "wait_disconnect"]
+__all__ = ["Rows", "Routes", "counted", "create_app", "encode", "predictions", "wait_disconnect"]
 
 
 def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[[], None] | None = None):
@@ -59,6 +61,7 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
         Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
         Route("/v1/classify", routes.classify, methods=["POST"]),
         Route("/v1/models", routes.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", routes.model, methods=["GET"]),
         Route("/health", routes.health_route, methods=["GET"]),
         Route("/metrics", routes.metrics_route, methods=["GET"]),
     ], lifespan=lifespan)
@@ -166,15 +169,41 @@ def encode(row: np.ndarray, fmt: str):
     return row.tolist()
 
 
+def predictions(labels: list[str], image_rows: np.ndarray, text_rows: np.ndarray, logit_scale: float) -> list:
+    """``/v1/classify``'s ``data``: each image's labels, most probable first."""
+    probs = zeroshot.probabilities(image_rows, text_rows, logit_scale)
+    return [{"object": "classification", "index": i,
+             "predictions": [{"label": labels[j], "probability": float(row[j])} for j in zeroshot.ranking(row)]}
+            for i, row in enumerate(probs)]
+
+
 def _json(body: dict, status: int = 200, headers: dict | None = None):
     from starlette.responses import JSONResponse
 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def counted(route: str):
+    """A route handler that answers an unexpected exception (a bug) as a JSON 500, counted under
+    ``altclip_requests`` and as failure reason ``internal``, rather than Starlette's plain-text 500."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        async def guarded(self, request):
+            try:
+                return await handler(self, request)
+            except Exception:
+                logging.getLogger(__name__).exception("%s failed", route)
+                return self.error(ApiError(500, "internal server error", kind="server_error", reason="internal"),
+                                  route)
+        return guarded
+    return wrap
+
+
 class Routes:
     """The route handlers. Each API route counts its answer (``altclip_requests``) and each failure
-    by reason (``altclip_failures``)."""
+    by reason (``altclip_failures``), an unexpected exception too (a JSON 500, reason ``internal``).
+    The body is read on the event loop but parsed and checked in the prep threads, as is a
+    classification's answer, whose size ``--max-classify-pairs`` bounds."""
 
     def __init__(self, rows: Rows, options: ServeOptions, metrics):
         self.rows, self.options, self.metrics = rows, options, metrics
@@ -189,11 +218,22 @@ class Routes:
         return _json({"object": "list", "data": data, "model": model or self.options.model_name,
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.rows.prep_pool, fn, *args)
+
+    async def body(self, request) -> dict:
+        """The JSON body, read under ``--max-request-bytes`` and parsed in a prep thread."""
+        raw = await read_body(request, self.options.max_request_bytes)
+        return await self.off_loop(parse_body, raw, self.options.max_request_items + EXTRA_CONTAINERS)
+
+    @counted("/v1/embeddings")
     async def embeddings(self, request):
         route = "/v1/embeddings"
         try:
-            body = await read_json(request, self.options.max_request_bytes)
-            req = EmbeddingRequest.parse(body, max_items=self.options.max_request_items, dim=self.rows.model.dim)
+            body = await self.body(request)
+            req = await self.off_loop(lambda: EmbeddingRequest.parse(
+                body, max_items=self.options.max_request_items, dim=self.rows.model.dim,
+                vocab=self.rows.model.vocab_size))
             payloads, rows = await self.rows.for_items(request, req.modality, req.input)
         except ApiError as exc:
             return self.error(exc, route)
@@ -202,26 +242,34 @@ class Routes:
                 for i, row in enumerate(rows)]
         return self.ok(route, data, req.model, tokens)
 
+    @counted("/v1/classify")
     async def classify(self, request):
         route = "/v1/classify"
         try:
-            body = await read_json(request, self.options.max_request_bytes)
-            req = ClassifyRequest.parse(body, max_items=self.options.max_request_items)
+            body = await self.body(request)
+            req = await self.off_loop(lambda: ClassifyRequest.parse(
+                body, max_items=self.options.max_request_items, max_pairs=self.options.max_classify_pairs))
             (ids, text_rows), (_, image_rows) = await asyncio.gather(
                 self.rows.for_labels(request, req.texts), self.rows.for_items(request, "image", req.input)
             )
         except ApiError as exc:
             return self.error(exc, route)
-        probs = zeroshot.probabilities(image_rows, text_rows, self.rows.model.logit_scale)
-        data = [{"object": "classification", "index": i,
-                 "predictions": [{"label": req.labels[j], "probability": float(row[j])} for j in zeroshot.ranking(row)]}
-                for i, row in enumerate(probs)]
+        data = await self.off_loop(predictions, req.labels, image_rows, text_rows, self.rows.model.logit_scale)
         return self.ok(route, data, req.model, sum(len(p) for p in ids))
 
     async def models(self, request):
         self.metrics.request("/v1/models", 200)
         return _json({"object": "list", "data": [
             {"id": self.options.model_name, "object": "model", "created": 0, "owned_by": "altclip-fast"}]})
+
+    async def model(self, request):
+        """``GET /v1/models/{id}`` (the openai client's ``models.retrieve``): the served model, else 404."""
+        route, model_id = "/v1/models/{id}", request.path_params["model_id"]
+        if model_id != self.options.model_name:
+            return self.error(ApiError(404, f"the model {model_id!r} does not exist: this server serves "
+                                       f"{self.options.model_name!r}", param="model", reason="model_not_found"), route)
+        self.metrics.request(route, 200)
+        return _json({"id": self.options.model_name, "object": "model", "created": 0, "owned_by": "altclip-fast"})
 
     async def health_route(self, request):
         health = self.rows.health

@@ -8,16 +8,23 @@ No web framework here: ``read_json`` needs only an object with ``headers`` and a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from .. import zeroshot
 
-__all__ = ["ApiError", "ClassifyRequest", "DRAIN_BYTES", "EmbeddingRequest", "choice", "error_body", "field",
-           "parse_body", "read_json", "string_list"]
+__all__ = ["ApiError", "ClassifyRequest", "DRAIN_BYTES", "EXTRA_CONTAINERS", "EmbeddingRequest", "choice",
+           "embedding_inputs", "error_body", "field", "parse_body", "read_body", "read_json", "string_list", "text"]
 
 # Past --max-request-bytes, up to this much more is read and dropped so that the client gets the 413
 # rather than a connection reset in the middle of its upload.
 DRAIN_BYTES = 64 * 1024 * 1024
+# JSON arrays and objects a body may hold beyond one per input item (the body, the input and labels lists,
+# a few extra fields): parsing ``[],[],...`` costs far more per byte than anything a real request holds,
+# and json.loads holds the GIL throughout, so such a body is refused before it is parsed.
+EXTRA_CONTAINERS = 64
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ApiError(Exception):
@@ -38,6 +45,11 @@ def error_body(exc: ApiError) -> dict:
 
 async def read_json(request, limit: int) -> dict:
     """The body as a JSON object, refused (413) past ``limit`` bytes, declared or sent."""
+    return parse_body(await read_body(request, limit))
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The raw body, refused (413) past ``limit`` bytes, declared or sent (parse it off the event loop)."""
     declared = request.headers.get("content-length", "")
     too_big = ApiError(413, f"the request body is over the limit of {limit} bytes (--max-request-bytes)",
                        reason="too_large")
@@ -52,10 +64,17 @@ async def read_json(request, limit: int) -> dict:
             chunks.append(chunk)
     if size > limit:
         raise too_big
-    return parse_body(b"".join(chunks))
+    return b"".join(chunks)
 
 
-def parse_body(raw: bytes) -> dict:
+def parse_body(raw: bytes, max_containers: int | None = None) -> dict:
+    """The body as a JSON object whose ``model`` is a string; past ``max_containers`` JSON arrays and
+    objects (outside strings) it is refused (413) unparsed."""
+    if max_containers is not None and raw.count(b"[") + raw.count(b"{") > max_containers:
+        outside = _STRINGS.sub(b"", raw)
+        if outside.count(b"[") + outside.count(b"{") > max_containers:
+            raise ApiError(413, f"the body holds more than {max_containers} JSON arrays and objects, more than "
+                           "its items can need (--max-request-items)", param="body", reason="too_large")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -69,8 +88,18 @@ def parse_body(raw: bytes) -> dict:
 # ---------------------------------------------------------------------------------------------- fields
 
 
+def text(value: str, name: str) -> str:
+    """``value``, unless it holds a lone surrogate (JSON's ``"\\ud800"``): that is no text, 400."""
+    found = _SURROGATE.search(value)
+    if found:
+        raise ApiError(400, f"{name} holds a lone surrogate (U+{ord(found.group()):04X}) at character "
+                       f"{found.start()}: not valid Unicode text", param=name)
+    return value
+
+
 def field(body: dict, name: str, kinds, *, required=False, default=None):
-    """``body[name]`` if it is one of ``kinds`` (JSON true is no int); ``default`` when absent or null."""
+    """``body[name]`` if it is one of ``kinds`` (JSON true is no int); ``default`` when absent or null. A
+    string with a lone surrogate is a 400 (see ``text``)."""
     if name not in body or body[name] is None:
         if required:
             raise ApiError(422, f"{name} is required", param=name)
@@ -80,7 +109,7 @@ def field(body: dict, name: str, kinds, *, required=False, default=None):
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join(k.__name__ for k in kinds)
         raise ApiError(422, f"{name} must be {names}, got {type(value).__name__}", param=name)
-    return value
+    return text(value, name) if isinstance(value, str) else value
 
 
 def string_list(body: dict, name: str, limit: int) -> list[str]:
@@ -92,12 +121,48 @@ def string_list(body: dict, name: str, limit: int) -> list[str]:
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise ApiError(422, f"{name}[{i}] must be a string, got {type(item).__name__}"
-                           + (" (token arrays are not accepted: send text)" if isinstance(item, int) else ""),
+                           + (" (texts and token arrays cannot be mixed)" if isinstance(item, (int, list)) else ""),
                            param=f"{name}[{i}]")
+        text(item, f"{name}[{i}]")
+    return _at_most(items, name, limit)
+
+
+def _at_most(items: list, name: str, limit: int) -> list:
     if len(items) > limit:
         raise ApiError(413, f"{name} has {len(items)} items, over the limit of {limit} per request "
                        "(--max-request-items)", param=name, reason="too_many_items")
     return items
+
+
+def embedding_inputs(body: dict, limit: int, vocab: int) -> list:
+    """``input`` as OpenAI takes it: a string, a list of strings, one token array (a list of ints) or a
+    list of token arrays. Token ids are the model's own (no ``<s>``/``</s>``), each under ``vocab``."""
+    value = field(body, "input", (str, list), required=True)
+    if isinstance(value, list) and value and isinstance(value[0], int) and not isinstance(value[0], bool):
+        return [_token_array(value, "input", vocab, flat=True)]
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        for i, item in enumerate(value):
+            if not isinstance(item, list):
+                raise ApiError(422, f"input[{i}] must be a token array (a list of ints) like input[0], got "
+                               f"{type(item).__name__}", param=f"input[{i}]")
+        return [_token_array(item, f"input[{i}]", vocab) for i, item in enumerate(_at_most(value, "input", limit))]
+    return string_list(body, "input", limit)
+
+
+def _token_array(ids: list, name: str, vocab: int, flat: bool = False) -> list[int]:
+    """``ids`` checked; an error names the array, or the id itself when ``input`` is one flat array."""
+    if not ids:
+        raise ApiError(422, f"{name} must not be empty", param=name)
+    if all(type(t) is int for t in ids) and 0 <= min(ids) and max(ids) < vocab:
+        return ids
+    for j, t in enumerate(ids):
+        param = f"{name}[{j}]" if flat else name
+        if type(t) is not int:
+            raise ApiError(422, f"{name}[{j}] must be a token id (an int), got {type(t).__name__}", param=param)
+        if not 0 <= t < vocab:
+            raise ApiError(422, f"{name}[{j}] is token id {t}, outside this model's vocabulary (0 to {vocab - 1})",
+                           param=param)
+    raise AssertionError("unreachable")
 
 
 def choice(body: dict, name: str, choices: tuple[str, ...]) -> str:
@@ -115,16 +180,19 @@ def choice(body: dict, name: str, choices: tuple[str, ...]) -> str:
 class EmbeddingRequest:
     """``POST /v1/embeddings``: OpenAI's fields plus ``modality``."""
 
-    input: list[str]
+    input: list  # strings, or token arrays (lists of token ids) for text
     encoding_format: str
     modality: str
     model: str | None
 
     @classmethod
-    def parse(cls, body: dict, *, max_items: int, dim: int) -> EmbeddingRequest:
-        items = string_list(body, "input", max_items)
+    def parse(cls, body: dict, *, max_items: int, dim: int, vocab: int = 0) -> EmbeddingRequest:
+        """``vocab``: the model's vocabulary size, which token ids must be under (0: no token arrays)."""
+        items = embedding_inputs(body, max_items, vocab)
         fmt = choice(body, "encoding_format", ("float", "base64"))
         modality = choice(body, "modality", ("text", "image"))
+        if modality != "text" and not isinstance(items[0], str):
+            raise ApiError(422, "token arrays are text: modality must be text", param="modality")
         dimensions = field(body, "dimensions", int)
         if dimensions is not None and dimensions != dim:
             raise ApiError(422, f"dimensions must be {dim} (this model's size) or left out", param="dimensions")
@@ -141,9 +209,14 @@ class ClassifyRequest:
     model: str | None
 
     @classmethod
-    def parse(cls, body: dict, *, max_items: int) -> ClassifyRequest:
+    def parse(cls, body: dict, *, max_items: int, max_pairs: int | None = None) -> ClassifyRequest:
+        """``max_pairs``: the most images x labels (the answer holds one probability per pair), else 413."""
         images = string_list(body, "input", max_items)
         labels = string_list(body, "labels", max_items)
+        if max_pairs is not None and len(images) * len(labels) > max_pairs:
+            raise ApiError(413, f"{len(images)} images x {len(labels)} labels is {len(images) * len(labels)} "
+                           f"image-label pairs, over the limit of {max_pairs} per request (--max-classify-pairs)",
+                           param="labels", reason="too_many_items")
         if any(not label.strip() for label in labels):
             raise ApiError(422, "labels must not be blank", param="labels")
         template = field(body, "template", str)

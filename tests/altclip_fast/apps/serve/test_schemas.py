@@ -87,8 +87,9 @@ def test_string_lists():
     assert refused(string_list, {"input": []}, "input", 5).message == "input must not be empty"
     error = refused(string_list, {"input": ["a", 7]}, "input", 5)
     assert (error.message, error.param) == (
-        "input[1] must be a string, got int (token arrays are not accepted: send text)", "input[1]")
-    assert refused(string_list, {"input": ["a", [1]]}, "input", 5).message == "input[1] must be a string, got list"
+        "input[1] must be a string, got int (texts and token arrays cannot be mixed)", "input[1]")
+    assert refused(string_list, {"input": ["a", [1]]}, "input", 5).message == (
+        "input[1] must be a string, got list (texts and token arrays cannot be mixed)")
     error = refused(string_list, {"input": ["a"] * 3}, "input", 2)
     assert (error.status, error.reason) == (413, "too_many_items")
     assert error.message == "input has 3 items, over the limit of 2 per request (--max-request-items)"

@@ -11,9 +11,10 @@ combining marks and whitespace runs). The argument, for a tokenizer that normali
 character (or grapheme by grapheme), splits words at spaces and segments each word on its own
 (XLM-R's sentencepiece: Precompiled/NFKC normaliser, Metaspace, Unigram):
 
-- **At a space.** Cut just before a space that follows a character whose normal form is not
-  whitespace, where normalising across the cut equals normalising both sides alone: the words before
-  the cut are the whole text's words, so their tokens are the whole text's first tokens.
+- **At a space.** Cut just before whitespace that normalises to a space and follows a character whose
+  normal form ends in no whitespace, where normalising across the cut equals normalising both sides
+  alone: the words before the cut are the whole text's words, so their tokens are the whole text's
+  first tokens.
 - **Inside a long word** (CJK has no spaces). Unigram's Viterbi pass decides the best segmentation
   ending at each position from the characters before it alone, so wherever the whole text's
   segmentation has a token boundary, the tokens before it are those of the text cut there. No token
@@ -95,7 +96,7 @@ class TextTokens:
         end = min(len(text) - 1, start + SCAN_CHARS)
         run = 0  # consecutive one-to-one characters ending at j - 1, each independent of the one before
         for j in range(start, end):
-            if text[j] == " " and self._space_cut(text, j):
+            if text[j].isspace() and self._space_cut(text, j):
                 ids = self.encode([text[:j]])[0]
                 return ids if len(ids) == self.limit else None
             run = run + 1 if self._one_to_one(text, j) else 0
@@ -107,8 +108,10 @@ class TextTokens:
         return None
 
     def _space_cut(self, text: str, j: int) -> bool:
-        """Cutting before the space at ``j`` leaves the words before it as they are in the whole text."""
-        norm = self.tokenizer.normalize
+        """Cutting before the whitespace at ``j`` leaves the words before it as they are in the whole text:
+        it normalises to a space (a word boundary for Metaspace and WhitespaceSplit alike), the character
+        before it to something that ends in no space, and normalising across the cut changes nothing."""
+        norm = self._own().normalize
         before, after = norm(text[j - 1]), norm(text[j: j + 2])
         return (bool(before) and not before[-1].isspace() and not text[j - 1].isspace() and text[j - 1] != "▁"
                 and after.startswith(" ") and norm(text[j - 1: j + 2]) == before + after)
@@ -116,7 +119,7 @@ class TextTokens:
     def _one_to_one(self, text: str, j: int) -> bool:
         """``text[j]`` normalises to one character that is not a word boundary, and cutting before it
         changes nothing in the normal form of the pair ``text[j - 1: j + 1]``."""
-        norm = self.tokenizer.normalize
+        norm = self._own().normalize
         alone = norm(text[j])
         return (len(alone) == 1 and not alone.isspace() and alone != "▁" and not text[j].isspace()
                 and norm(text[j - 1: j + 1]) == norm(text[j - 1]) + alone)

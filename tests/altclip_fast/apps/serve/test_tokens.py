@@ -58,6 +58,7 @@ def long_texts():
         "ﬁ" * 3000, "ＦＵＬＬ" * 1000,  # one character normalising to two; full width
         "x" * 10000,  # one long unknown word
         "the cat " * 1000 + "xyzzy" * 10,
+        "the\ncat\t" * 1000, "the \u3000cat\u00a0" * 1000, "the\r\ncat " * 1000,  # other whitespace
     ]
     for length in range(290, 330):  # the first cut point, CHARS_PER_TOKEN * 37, inside every kind of piece
         texts.append(random_text(random.Random(length), 4000)[:length] + "tail end words " * 10)

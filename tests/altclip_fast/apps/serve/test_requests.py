@@ -147,13 +147,12 @@ def test_a_body_of_empty_arrays_is_refused_unparsed(client):
 def test_the_body_is_parsed_off_the_event_loop(client, monkeypatch):
     from altclip_fast.apps.serve import app
 
-    threads = []
+    threads, parse_body = [], app.parse_body
 
     def spy(*args):
         threads.append(threading.current_thread().name)
-        return app.parse_body.__wrapped__(*args)
+        return parse_body(*args)
 
-    spy.__wrapped__ = app.parse_body
     monkeypatch.setattr(app, "parse_body", spy)
     assert embed(client, "a").status_code == 200
     assert threads and threads[0].startswith("altclip-prep"), threads

@@ -6,6 +6,8 @@ One job per module:
 - ``schemas``: the JSON body under its byte limit, request fields, ``ApiError``.
 - ``images``: base64 / ``data:`` URI images and their pixel, side and aspect limits.
 - ``model``: ``ServedModel`` (tokenize, run a batch, probe).
+- ``tokens``: ``TextTokens``, a tokenizer per prep thread; long texts cut before tokenizing, with the
+  ids of tokenizing them whole; token arrays wrapped and truncated alike.
 - ``batching``: the dynamic batcher (pure asyncio).
 - ``metrics``, ``label_cache``, ``health``, ``auth``: Prometheus metrics, classification label rows,
   ``/health``'s probe, the bearer-key middleware.

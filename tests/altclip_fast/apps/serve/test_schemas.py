@@ -8,8 +8,8 @@ import json
 import pytest
 
 from altclip_fast.apps.serve.schemas import (
-    DRAIN_BYTES, ApiError, ClassifyRequest, EmbeddingRequest, choice, error_body, field, parse_body, read_json,
-    string_list,
+    DRAIN_BYTES, ApiError, ClassifyRequest, EmbeddingRequest, choice, embedding_inputs, error_body, field, parse_body,
+    read_json, string_list, text,
 )
 
 
@@ -125,3 +125,32 @@ def test_the_error_body_is_openais_shape():
     error = ApiError(429, "busy", kind="rate_limit_error", headers={"Retry-After": "1"})
     assert error_body(error) == {"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": 429}}
     assert error.headers == {"Retry-After": "1"} and error.reason == "bad_request"
+
+
+def test_containers_are_counted_outside_strings():
+    body = b'{"input": ["[[{", "a \\"[[[\\" b", [1, 2]]}'
+    assert parse_body(body, max_containers=3)["input"][1] == 'a "[[[" b'
+    error = refused(parse_body, b'{"input": [[], [], []]}', max_containers=3)
+    assert (error.status, error.reason, error.param) == (413, "too_large", "body")
+    assert error.message.startswith("the body holds more than 3 JSON arrays and objects")
+
+
+def test_lone_surrogates_are_refused_and_pairs_kept():
+    assert text("cat \U0001f431", "input") == "cat \U0001f431"
+    error = refused(text, "ab\udc00", "labels[2]")
+    assert (error.status, error.param) == (400, "labels[2]")
+    assert error.message == "labels[2] holds a lone surrogate (U+DC00) at character 2: not valid Unicode text"
+    assert refused(field, {"model": "\ud800"}, "model", str).param == "model"
+    assert refused(string_list, {"input": ["a", "\ud800"]}, "input", 5).param == "input[1]"
+
+
+def test_embedding_inputs_take_openais_four_shapes():
+    assert embedding_inputs({"input": "a"}, 4, 10) == ["a"]
+    assert embedding_inputs({"input": ["a", "b"]}, 4, 10) == ["a", "b"]
+    assert embedding_inputs({"input": [1, 2, 9]}, 4, 10) == [[1, 2, 9]]
+    assert embedding_inputs({"input": [[1], [2, 3]]}, 4, 10) == [[1], [2, 3]]
+    error = refused(embedding_inputs, {"input": [[1]] * 5}, 4, 10)
+    assert (error.status, error.reason) == (413, "too_many_items")
+    error = refused(embedding_inputs, {"input": [1, 10]}, 4, 10)
+    assert (error.status, error.param, error.message) == (
+        422, "input[1]", "input[1] is token id 10, outside this model's vocabulary (0 to 9)")

@@ -23,7 +23,10 @@ character (or grapheme by grapheme), splits words at spaces and segments each wo
   consecutive positions whose characters normalise one to one and independently, and finding the
   same first tokens every time, certifies them.
 
-Anything else (a text of combining marks, say) is tokenized whole, as before: slower, never wrong.
+Anything else is tokenized whole, as before: slower, never wrong. Checking a window costs ``L``
+tokenizations of the head, so it is tried only while that costs less than tokenizing the whole text:
+whatever the text, the work is at most about three times tokenizing it whole, and a text that
+tokenizes well is done after a few thousand characters.
 Token arrays from the client are the model's ids without ``<s>``/``</s>``; they get those and the same
 truncation.
 """
@@ -100,6 +103,8 @@ class TextTokens:
                 ids = self.encode([text[:j]])[0]
                 return ids if len(ids) == self.limit else None
             run = run + 1 if self._one_to_one(text, j) else 0
+            if run > self.window and self.window * j > len(text):
+                return None  # the window's prefixes would cost more than the whole text
             if run > self.window:  # text[j - window .. j] one to one: cut before each of the last window
                 cuts = self.encode([text[:k] for k in range(j - self.window + 1, j + 1)])
                 if len(cuts[0]) == self.limit and all(ids == cuts[0] for ids in cuts):

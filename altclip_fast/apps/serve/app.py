@@ -117,7 +117,8 @@ class Rows:
                 if left is not None:
                     await asyncio.wait({crop, left}, return_when=asyncio.FIRST_COMPLETED)
                     if left.done():
-                        crop.cancel()
+                        crop.cancel()  # not started: never runs; running: finishes, its result dropped
+                        crop.add_done_callback(lambda f: f.cancelled() or f.exception())  # nothing unretrieved
                         raise ApiError(499, "the client disconnected", reason="client_disconnected_request")
                 crops.append(await crop)
         finally:

@@ -84,7 +84,8 @@ def test_openai_and_infinity_base64_spellings_are_read():
     assert "+" in plain and "/" in plain and plain.endswith("=")  # so each spelling below differs
     urlsafe = base64.urlsafe_b64encode(raw).decode()
     for item in (plain.rstrip("="), urlsafe, urlsafe.rstrip("="), "DATA:IMAGE/PNG;BASE64," + plain,
-                 "Data:image/png;base64," + urlsafe.rstrip("="), " data:image/png;base64," + plain[:50] + "\n" + plain[50:]):
+                 "Data:image/png;base64," + urlsafe.rstrip("="),
+                 " data:image/png;base64," + plain[:50] + "\n" + plain[50:]):
         assert image_bytes(item) == raw, item[:30]
     for item, message in [("DATA:text/plain;base64,aGk=", "a data URI must look like"),
                           ("Data:image/png,abc", "a data URI must look like"),

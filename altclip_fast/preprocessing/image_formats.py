@@ -11,11 +11,12 @@ processor (``classify``, ``search --image``) all open images through here.
 from __future__ import annotations
 
 import os
-from typing import IO, Union
-
-from PIL import Image
+from typing import IO, TYPE_CHECKING, Union
 
 from ..errors import AltCLIPError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["ACCEPTED", "DECODED_FORMATS", "FormatRefused", "open_image", "signature_format"]
 
@@ -39,6 +40,8 @@ def open_image(fp: Union[str, os.PathLike, IO[bytes]]) -> Image.Image:
     Raises ``FormatRefused`` for another format Pillow recognises by its signature,
     ``PIL.UnidentifiedImageError`` for data that is no image it knows, and what ``Image.open``
     raises otherwise (``FileNotFoundError``, ``DecompressionBombError``...)."""
+    from PIL import Image  # here, not at import: the CLI's argument parsing imports the serve app
+
     try:
         return Image.open(fp, formats=DECODED_FORMATS)
     except Image.UnidentifiedImageError:
@@ -51,6 +54,8 @@ def open_image(fp: Union[str, os.PathLike, IO[bytes]]) -> Image.Image:
 def signature_format(fp: Union[str, os.PathLike, IO[bytes]]) -> str | None:
     """Which Pillow format the first bytes announce, by the plugins' signature checks alone (no
     plugin opens anything); ``None`` if none does."""
+    from PIL import Image
+
     if isinstance(fp, (str, os.PathLike)):
         with open(fp, "rb") as file:
             prefix = file.read(_SIGNATURE_BYTES)

@@ -66,3 +66,16 @@ def test_paths_in_allowed_formats_prepare_as_before(tmp_path, name, fmt, mode):
         image.load()
         expected = processor.prepare(image)
     assert np.array_equal(processor.prepare(str(path)), expected)
+
+
+def test_pillow_is_imported_when_an_image_is_opened_not_when_the_cli_parses_arguments():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from altclip_fast.apps.cli import build_parser; build_parser(); "
+            "import altclip_fast.preprocessing.image_formats; print('PIL' in sys.modules)")
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "False"

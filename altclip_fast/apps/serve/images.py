@@ -26,7 +26,7 @@ from ...preprocessing.image_formats import ACCEPTED, FormatRefused, open_image
 from .schemas import ApiError
 
 __all__ = ["MAX_ASPECT_RATIO", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "ImageHeader", "ImageRejected", "decode_header",
-           "decode_image", "image_bytes", "read_headers"]
+           "decode_image", "image_bytes", "read_header", "read_headers"]
 
 MAX_IMAGE_PIXELS = 40_000_000
 MIN_IMAGE_SIDE = 8

@@ -97,7 +97,7 @@ def test_decoding_stops_when_the_client_leaves(app_client):
 
 
 def test_one_requests_images_cannot_hold_up_anothers(app_client, direct):
-    with watched_client(app_client, 0.15, preprocess_workers=1) as client:
+    with watched_client(app_client, 0.4, preprocess_workers=1) as client:
         with ThreadPoolExecutor(1) as pool:
             many = pool.submit(embed, client, [b64(png(40, 32, i)) for i in range(8)], modality="image")
             deadline = time.monotonic() + 30

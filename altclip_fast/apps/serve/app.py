@@ -108,7 +108,9 @@ class Rows:
         images queues behind at most one of every other request's; and when the client leaves (499),
         no further image of its is decoded."""
         loop = asyncio.get_running_loop()
-        headers = await loop.run_in_executor(self.prep_pool, read_headers, items, self.options.max_request_pixels)
+        # Headers are cheap (base64 and a few hundred bytes each, no more than parsing the body): read in
+        # asyncio's own threads, so a request's first image is queued without waiting for a decode.
+        headers = await asyncio.to_thread(read_headers, items, self.options.max_request_pixels)
         left = asyncio.ensure_future(wait_disconnect(request)) if request is not None else None
         crops = []
         try:

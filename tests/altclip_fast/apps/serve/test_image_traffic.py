@@ -22,14 +22,18 @@ from tests.altclip_fast.apps.serve.helpers import b64, embed, png  # noqa: E402
 
 
 class Watched:
-    """``prepare_image`` taking ``delay_s`` longer, recording the size of each image it is given."""
+    """``prepare_image`` recording the size of each image it is given, then waiting for ``gate`` (open
+    unless closed) and taking ``delay_s`` longer."""
 
     def __init__(self, prepare, delay_s: float):
         self.prepare, self.delay_s, self.calls, self.lock = prepare, delay_s, [], threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
 
     def __call__(self, image):
         with self.lock:
             self.calls.append(image.size)
+        self.gate.wait(60)
         time.sleep(self.delay_s)
         return self.prepare(image)
 
@@ -97,17 +101,22 @@ def test_decoding_stops_when_the_client_leaves(app_client):
 
 
 def test_one_requests_images_cannot_hold_up_anothers(app_client, direct):
-    with watched_client(app_client, 0.4, preprocess_workers=1) as client:
-        with ThreadPoolExecutor(1) as pool:
+    """One prep thread; a request of eight images holds it (its first image held at a gate) when a
+    request of one image comes. Once the gate opens, the one image is decoded next, not after eight."""
+    with watched_client(app_client, 0.05, preprocess_workers=1) as client:
+        client.watched.gate.clear()
+        raw = png(48, 48, 9)
+        with ThreadPoolExecutor(2) as pool:
             many = pool.submit(embed, client, [b64(png(40, 32, i)) for i in range(8)], modality="image")
             deadline = time.monotonic() + 30
             while not client.watched.calls and time.monotonic() < deadline:  # its first image is decoding
                 time.sleep(0.01)
-            raw = png(48, 48, 9)
-            r = embed(client, [b64(raw)], modality="image")
+            one = pool.submit(embed, client, [b64(raw)], modality="image")
+            time.sleep(1.0)  # the one image's header is read and its decode queued (milliseconds of work)
+            client.watched.gate.set()
+            r = one.result(60)
             assert r.status_code == 200, r.text
-            calls = list(client.watched.calls)
             assert many.result(60).status_code == 200
-        # Behind the image being decoded when it came and at most one more, not behind all eight.
-        assert calls.index((48, 48)) <= 2, calls
+        calls = client.watched.calls
+        assert calls[:2] == [(40, 32), (48, 48)] and len(calls) == 9, calls
         np.testing.assert_allclose(r.json()["data"][0]["embedding"], direct["image"](raw), atol=2e-5)

@@ -26,6 +26,9 @@ Where this deliberately differs from transformers (each is tested and in the REA
   scaling, never below twice the resize target) before the bicubic resize. Camera-sized photos
   then preprocess faster (bench/RESULTS.md has the figures), but pixels differ from transformers'
   (a few levels of 255 here and there): it is the one option that trades parity for speed.
+- Image files given by path are opened only in the raster formats of ``image_formats`` (JPEG,
+  PNG, WebP, GIF, BMP, TIFF, PPM/PGM/PBM); any other (EPS, which Pillow hands to Ghostscript, PSD,
+  ICO...) is an ``ImageLoadError`` naming it. Already opened PIL images are taken as they are.
 
 Arrays (numpy or torch) follow transformers' conventions: ``[H, W]``, ``[H, W, C]`` or ``[C, H, W]``
 with 1, 3 or 4 channels (channels-first wins when both ends could be channels); uint8 or
@@ -46,6 +49,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import AltCLIPError
+from .image_formats import FormatRefused, open_image
 
 __all__ = ["AltCLIPImageProcessor", "ImageLoadError", "CLIP_MEAN", "CLIP_STD"]
 
@@ -290,7 +294,7 @@ def _reason(exc: BaseException) -> str:
 
 def _open_image(path: str | os.PathLike, draft_short_side: int | None = None) -> Image.Image:
     try:
-        image = Image.open(path)
+        image = open_image(path)
         if draft_short_side and image.format == "JPEG" and min(image.size) > draft_short_side:
             scale = draft_short_side / min(image.size)
             image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
@@ -301,6 +305,8 @@ def _open_image(path: str | os.PathLike, draft_short_side: int | None = None) ->
         raise ImageLoadError(f"{os.fspath(path)}: is a directory") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError(f"{os.fspath(path)}: not an image file pillow can read") from None
+    except FormatRefused as exc:
+        raise ImageLoadError(f"{os.fspath(path)}: {exc}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{os.fspath(path)}: cannot decode ({_reason(exc)})") from None
     return image

@@ -2,7 +2,9 @@
 or the reason it could not be read. One function, ``decode``, run wherever an engine decodes: in
 DataLoader workers (``ImageFiles``), in a process pool, or in Ray tasks (``decode_columns``).
 
-An image that cannot be read is reported with its reason and skipped; it never stops a run.
+An image that cannot be read is reported with its reason and skipped; it never stops a run. Only the
+raster formats of ``preprocessing.image_formats`` are decoded (from bytes here, from files by the image
+processor): another format (EPS, PSD...) is skipped with a reason naming it, before its plugin sees it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import numpy as np
 
 from ...errors import AltCLIPError
+from ...preprocessing.image_formats import FormatRefused, open_image
 
 
 def decode(image_processor, source: str | bytes) -> tuple[np.ndarray | None, str | None]:
@@ -30,11 +33,13 @@ def _decode_bytes(image_processor, data: bytes) -> tuple[np.ndarray | None, str 
     from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_image(io.BytesIO(data))
         image.load()
         return image_processor.prepare(image), None
     except Image.UnidentifiedImageError:  # its message names the BytesIO object's address: not repeatable
         return None, "cannot decode (not an image file pillow can read)"
+    except FormatRefused as exc:
+        return None, str(exc)
     except Exception as exc:  # one corrupt sample never stops the run
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return None, f"cannot decode ({type(exc).__name__}{': ' + text if text else ''})"

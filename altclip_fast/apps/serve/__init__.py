@@ -4,7 +4,8 @@ One job per module:
 
 - ``options``: every setting once (default, ``--help``, minimum, flag); generates the argparse flags.
 - ``schemas``: the JSON body under its byte limit, request fields, ``ApiError``.
-- ``images``: base64 / ``data:`` URI images and their pixel, side and aspect limits.
+- ``images``: base64 / ``data:`` URI images, their formats, their pixel, side and aspect limits, and the
+  request's pixel budget.
 - ``model``: ``ServedModel`` (tokenize, run a batch, probe).
 - ``tokens``: ``TextTokens``, a tokenizer per prep thread; long texts cut before tokenizing, with the
   ids of tokenizing them whole; token arrays wrapped and truncated alike.

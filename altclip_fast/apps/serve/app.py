@@ -27,7 +27,7 @@ from .. import zeroshot
 from .auth import BearerAuth
 from .batching import Batcher, BatchFailed, QueueFull
 from .health import Health
-from .images import decode_image
+from .images import decode_header, read_headers
 from .label_cache import LabelCache
 from .metrics import Metrics
 from .model import ServedModel
@@ -97,18 +97,43 @@ class Rows:
         self.model_pool.shutdown(wait=True)
         self.prep_pool.shutdown(wait=True)
 
-    async def prepare(self, kind: str, items: list[str]) -> list:
+    async def prepare(self, kind: str, items: list[str], request=None) -> list:
         """Token ids or decoded crops, made off the event loop (a bad image is a 400 naming it)."""
         loop = asyncio.get_running_loop()
         if kind == "text":
             return await loop.run_in_executor(self.prep_pool, self.model.tokenize, items)
-        return await loop.run_in_executor(
-            self.prep_pool, lambda: [decode_image(i, item, self.model.prepare_image) for i, item in enumerate(items)]
-        )
+        return await self.decode_images(request, items)
+
+    async def decode_images(self, request, items: list[str]) -> list[np.ndarray]:
+        """A request's crops. Every header is read and the pixels they declare checked against
+        ``--max-request-pixels`` (413) before anything is decoded; then the images are decoded one at a
+        time, each its own prep-pool task, so a request holds at most one prep thread and each of its
+        images queues behind at most one of every other request's; and when the client leaves (499),
+        no further image of its is decoded."""
+        loop = asyncio.get_running_loop()
+        # Headers are cheap (base64 and a few hundred bytes each, no more than parsing the body): read in
+        # asyncio's own threads, so a request's first image is queued without waiting for a decode.
+        headers = await asyncio.to_thread(read_headers, items, self.options.max_request_pixels)
+        left = asyncio.ensure_future(wait_disconnect(request)) if request is not None else None
+        crops = []
+        try:
+            for header in headers:
+                crop = loop.run_in_executor(self.prep_pool, decode_header, header, self.model.prepare_image)
+                if left is not None:
+                    await asyncio.wait({crop, left}, return_when=asyncio.FIRST_COMPLETED)
+                    if left.done():
+                        crop.cancel()  # not started: never runs; running: finishes, its result dropped
+                        crop.add_done_callback(lambda f: f.cancelled() or f.exception())  # nothing unretrieved
+                        raise ApiError(499, "the client disconnected", reason="client_disconnected_request")
+                crops.append(await crop)
+        finally:
+            if left is not None:
+                left.cancel()
+        return crops
 
     async def for_items(self, request, kind: str, items: list[str]) -> tuple[list, np.ndarray]:
         """Prepare the items, batch them, and wait for their rows (or the client leaving)."""
-        payloads = await self.prepare(kind, items)
+        payloads = await self.prepare(kind, items, request)
         return payloads, await self.run(request, kind, payloads)
 
     async def for_labels(self, request, texts: list[str]) -> tuple[list, np.ndarray]:

@@ -88,6 +88,10 @@ class ServeOptions:
                                          "0 keeps none (default: 4096)")
     preprocess_workers: int = setting(default_factory=_default_workers, flag="--preprocess-workers", minimum=1,
                                       help="threads that tokenize and decode images (default: up to 4)")
+    max_request_pixels: int = setting(
+        120_000_000, flag="--max-request-pixels", minimum=1,
+        help="image pixels per request, summed from the image headers before any is decoded, else 413 "
+             "(default: 120000000, three images at the 40-megapixel limit per image)")
     health_ttl_s: float = setting(HEALTH_TTL_S)  # how long a /health probe's answer is reused
 
     @classmethod

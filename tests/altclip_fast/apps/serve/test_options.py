@@ -60,7 +60,8 @@ def test_the_generated_flags_are_the_hand_written_ones():
     assert 1 <= workers.default <= 4
     groups = {g.title: [a.option_strings[0] for a in g._group_actions] for g in parser._action_groups}
     assert groups["server"] == ["--host", "--port", "--api-key", "--served-model-name"]
-    assert groups["batching and limits"] == [f for f, *_ in BEFORE[4:]] + ["--preprocess-workers"]
+    assert groups["batching and limits"] == [f for f, *_ in BEFORE[4:]] + ["--preprocess-workers",
+                                                                           "--max-request-pixels"]
 
 
 def test_the_argparse_defaults_and_help_are_the_dataclass_fields():
@@ -106,6 +107,7 @@ def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     (["--max-request-items", "0"], "--max-request-items must be at least 1, got 0"),
     (["--max-classify-pairs", "0"], "--max-classify-pairs must be at least 1, got 0"),
     (["--preprocess-workers", "0"], "--preprocess-workers must be at least 1, got 0"),
+    (["--max-request-pixels", "0"], "--max-request-pixels must be at least 1, got 0"),
     (["--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),
     (["--label-cache", "-1"], "--label-cache must be at least 0, got -1"),
     # Several bad: the first as the hand-written checks ran them (the minimum-1 flags, then the others).

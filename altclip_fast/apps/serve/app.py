@@ -244,7 +244,9 @@ class Routes:
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.rows.prep_pool, fn, *args)
+        """Parsing and answer building, in asyncio's own threads: not in the prep pool, where they would
+        queue behind other requests' image decodes (each request's images take turns there)."""
+        return await asyncio.to_thread(fn, *args)
 
     async def body(self, request) -> dict:
         """The JSON body, read under ``--max-request-bytes`` and parsed in a prep thread."""

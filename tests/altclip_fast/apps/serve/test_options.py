@@ -18,7 +18,8 @@ BEFORE = [
     ("--port", "port", 8000, int, "port (default: 8000; 0 picks a free one)"),
     ("--api-key", "api_key", None, None,
      f"require Authorization: Bearer KEY on every route but /health (or set {API_KEY_ENV})"),
-    ("--served-model-name", "served_model_name", None, None, "the model id /v1/models lists (default: --model)"),
+    ("--served-model-name", "served_model_name", None, None,
+     "the model id /v1/models lists (default: the --model folder's name, or the hub id)"),
     ("--max-batch-tokens", "max_batch_tokens", 8192, int, "real tokens per text batch (default: 8192)"),
     ("--max-batch-images", "max_batch_images", 32, int, "images per batch (default: 32)"),
     ("--max-wait-ms", "max_wait_ms", 5.0, float, "longest wait for a batch to fill (default: 5)"),
@@ -54,6 +55,8 @@ def test_the_generated_flags_are_the_hand_written_ones():
     groups = {g.title: [a.option_strings[0] for a in g._group_actions] for g in parser._action_groups}
     assert groups["server"] == ["--host", "--port", "--api-key", "--served-model-name"]
     assert groups["batching and limits"] == [f for f, *_ in BEFORE[4:]] + ["--preprocess-workers"]
+    assert groups["connections and hosts"] == ["--allow-host", "--max-connections", "--timeout-keep-alive",
+                                               "--timeout-header", "--timeout-body", "--timeout-graceful-shutdown"]
 
 
 def test_the_argparse_defaults_and_help_are_the_dataclass_fields():

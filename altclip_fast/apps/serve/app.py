@@ -23,8 +23,10 @@ import numpy as np
 
 from .. import zeroshot
 from .auth import BearerAuth
+from .connections import QuietDisconnects
 from .batching import Batcher, BatchFailed, QueueFull
 from .health import Health
+from .hosts import HostCheck
 from .images import decode_image
 from .label_cache import LabelCache
 from .metrics import Metrics
@@ -32,11 +34,12 @@ from .model import ServedModel
 from .options import ServeOptions
 from .schemas import ApiError, ClassifyRequest, EmbeddingRequest, error_body, read_json
 
-__all__ = ["Rows", "Routes", "create_app", "encode", "wait_disconnect"]
+__all__ = ["Rows", "Routes", "both", "create_app", "encode", "wait_disconnect"]
 
 
 def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[[], None] | None = None):
-    """The ASGI application (behind ``BearerAuth`` when ``options.api_key`` is set). ``on_ready`` runs
+    """The ASGI application, behind ``BearerAuth`` when ``options.api_key`` is set, else ``HostCheck``
+    (``--allow-host``), and ``QuietDisconnects`` outermost. ``on_ready`` runs
     once the batcher is up (the CLI prints its address there)."""
     from starlette.applications import Starlette
     from starlette.routing import Route
@@ -63,7 +66,10 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
         Route("/metrics", routes.metrics_route, methods=["GET"]),
     ], lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.label_cache = rows.batcher, metrics, rows.labels
-    return BearerAuth(app, options.api_key, metrics) if options.api_key else app
+    # With a key, the key guards every route; without one, a foreign Host (DNS rebinding) is refused.
+    guarded = BearerAuth(app, options.api_key, metrics) if options.api_key else HostCheck(
+        app, options.allow_hosts, metrics)
+    return QuietDisconnects(guarded, metrics)
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -148,6 +154,20 @@ class Rows:
         return np.stack(rows)
 
 
+async def both(first, second) -> tuple:
+    """Both awaitables' results, run together; when one fails, the other is cancelled and awaited, so
+    its own failure (the same client leaving, seen twice) is retrieved rather than logged as
+    "exception was never retrieved", and the first failure is raised."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        return tuple(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def wait_disconnect(request) -> None:
     """Returns when the client disconnects (the body has been read, so the next message is that)."""
     while True:
@@ -207,7 +227,7 @@ class Routes:
         try:
             body = await read_json(request, self.options.max_request_bytes)
             req = ClassifyRequest.parse(body, max_items=self.options.max_request_items)
-            (ids, text_rows), (_, image_rows) = await asyncio.gather(
+            (ids, text_rows), (_, image_rows) = await both(
                 self.rows.for_labels(request, req.texts), self.rows.for_items(request, "image", req.input)
             )
         except ApiError as exc:

@@ -101,7 +101,7 @@ def serving():
     def run(app, limits, **config):
         sock = bind(Listen("127.0.0.1", 0))
         server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(limits), log_level="warning",
-                                               lifespan="off", timeout_keep_alive=limits.keep_alive_s, **config))
+                                               timeout_keep_alive=limits.keep_alive_s, **{"lifespan": "off", **config}))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30

@@ -128,6 +128,16 @@ def test_a_taken_port_is_one_line_before_the_model_loads(model_dir):
     assert len(lines) == 1 and lines[0].startswith(f"altclip-fast: error: cannot listen on 127.0.0.1:{port} ("), lines
 
 
+def test_an_empty_api_key_is_one_line_before_the_model_loads(model_dir):
+    env = {**os.environ, "ALTCLIP_FAST_API_KEY": ""}  # as `--api-key "$KEY"` with KEY unset
+    proc = subprocess.run([sys.executable, "-m", "altclip_fast.apps.cli", "serve", "--model", str(model_dir),
+                           "--device", "cpu", "--port", "0", "--api-key", ""], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("altclip-fast: error: --api-key is empty"), lines
+
+
 def test_without_the_serve_extra_serve_says_how_to_install(model_dir):
     code = (
         "import sys\n"

@@ -116,3 +116,11 @@ def serving():
             thread.join(30)
 
     return run
+
+
+@pytest.fixture
+def served_app(model_dir):
+    """``served_app(**options)``: ``create_app`` on a fresh tiny ``ServedModel`` (for ``serving``)."""
+    from altclip_fast.apps.serve import ServeOptions, create_app
+
+    return lambda **options: create_app(served_model(model_dir), ServeOptions(**options))

@@ -15,12 +15,12 @@ from .connections import ConnectionLimits, guarded_protocol
 from .model import ServedModel
 from .options import Listen, ServeOptions
 
-__all__ = ["FILES_RESERVED", "INSTALL_HINT", "SERVE_MODULES", "bind", "check_serve_dependencies", "connection_cap",
+__all__ = ["FILES_SPARE", "INSTALL_HINT", "SERVE_MODULES", "bind", "check_serve_dependencies", "connection_cap",
            "run"]
 
 SERVE_MODULES = ("starlette", "uvicorn", "prometheus_client")
 INSTALL_HINT = "pip install 'altclip-fast[serve]'"
-FILES_RESERVED = 64  # open files kept for the model, threads, logs: not for connections
+FILES_SPARE = 64  # open files kept, beyond those open at start, for logs, threads, health probes: not connections
 
 
 def check_serve_dependencies() -> None:
@@ -56,16 +56,20 @@ def bind(listen: Listen) -> socket.socket:
         raise UsageError(f"cannot listen on {listen.host}:{listen.port} ({exc.strerror or exc})") from None
 
 
-def connection_cap(wanted: int) -> tuple[int, str | None]:
-    """``--max-connections`` within the open-file limit: the soft limit is raised toward the hard one
-    if needed, and the cap lowered to leave ``FILES_RESERVED`` files for everything else (a note says
-    so), so that the cap answers 503 before accept() runs out of files."""
+def connection_cap(wanted: int, in_use: int | None = None) -> tuple[int, str | None]:
+    """``--max-connections`` within the open-file limit, so that the cap answers 503 before accept()
+    runs out of files: the soft limit is raised toward the hard one if needed, and the cap lowered to
+    leave the files open now (``in_use``: counted, after the model loaded) and ``FILES_SPARE`` more for
+    everything else (a note says so)."""
     try:
         import resource
     except ImportError:  # not POSIX
         return wanted, None
+    if in_use is None:
+        in_use = len(os.listdir("/dev/fd")) if os.path.isdir("/dev/fd") else 0
+    reserved = in_use + FILES_SPARE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = wanted + FILES_RESERVED
+    need = wanted + reserved
     if soft != resource.RLIM_INFINITY and soft < need:
         raised = need if hard == resource.RLIM_INFINITY else min(need, hard)
         if raised > soft:
@@ -74,7 +78,7 @@ def connection_cap(wanted: int) -> tuple[int, str | None]:
                 soft = raised
     if soft == resource.RLIM_INFINITY or soft >= need:
         return wanted, None
-    cap = max(1, soft - FILES_RESERVED)
+    cap = max(1, soft - reserved)
     return cap, f"--max-connections lowered from {wanted} to {cap} to fit the open-file limit ({soft})"
 
 

@@ -19,7 +19,7 @@ for _name in ("starlette", "uvicorn", "h11"):
 
 from altclip_fast.apps.serve.connections import SHUTDOWN_READ_GRACE_S, ConnectionLimits  # noqa: E402
 from altclip_fast.apps.serve.options import Listen  # noqa: E402
-from altclip_fast.apps.serve.server import FILES_RESERVED, bind, connection_cap  # noqa: E402
+from altclip_fast.apps.serve.server import FILES_SPARE, bind, connection_cap  # noqa: E402
 
 
 async def echo_length(scope, receive, send):
@@ -166,6 +166,6 @@ def test_the_connection_cap_fits_the_open_file_limit(monkeypatch):
     resource = pytest.importorskip("resource")
     monkeypatch.setattr(resource, "getrlimit", lambda _: (256, 256))
     monkeypatch.setattr(resource, "setrlimit", lambda *_: pytest.fail("the hard limit is already reached"))
-    cap, note = connection_cap(1024)
-    assert cap == 256 - FILES_RESERVED and "lowered from 1024 to 192" in note
-    assert connection_cap(100) == (100, None)
+    cap, note = connection_cap(1024, in_use=40)
+    assert cap == 256 - 40 - FILES_SPARE and "lowered from 1024 to 152" in note
+    assert connection_cap(100, in_use=40) == (100, None)

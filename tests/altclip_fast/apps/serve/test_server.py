@@ -35,14 +35,19 @@ READY = re.compile(r"^altclip-fast serve: .+, listening on (http://127\.0\.0\.1:
 class Server:
     """``altclip-fast serve`` in its own process group; ``url`` once it says it listens."""
 
-    def __init__(self, model_dir: Path, *options: str, timeout: float = 120, slow_forward_ms: float = 0):
+    def __init__(self, model_dir: Path, *options: str, timeout: float = 120, slow_forward_ms: float = 0,
+                 open_files: int | None = None):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "_ALTCLIP_FAST_SLOW_FORWARD_MS": str(slow_forward_ms),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         env.pop("ALTCLIP_FAST_API_KEY", None)
         command = [sys.executable, "-m", "altclip_fast.apps.cli", "serve", "--model", str(model_dir),
                    "--device", "cpu", "--dtype", "fp32", "--host", "127.0.0.1", "--port", "0", *options]
+        def limit_files():  # in the child, before exec: as `ulimit -n open_files`
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, preexec_fn=limit_files if open_files else None)
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -114,6 +119,35 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(model_dir, direct):
         srv.reader.join(30)  # the whole of stderr has been read
         assert srv.log[-1] == "altclip-fast serve: stopped\n", srv.log
     finally:
+        srv.kill()
+
+
+def test_idle_connections_past_the_open_file_limit_get_503_then_time_out(model_dir):
+    """With 256 open files and 300 idle connections, the server once timed every request out and logged
+    a traceback per failed accept(); now the cap (lowered to fit) answers 503 and the idle ones go."""
+    pytest.importorskip("resource")
+    srv = Server(model_dir, "--timeout-keep-alive", "1", open_files=256)
+    held = []
+    try:
+        assert re.search(r"--max-connections lowered from 1024 to \d+ to fit the open-file limit \(256\)",
+                         "".join(srv.log)), srv.log
+        port = int(srv.url.rsplit(":", 1)[1])
+        for _ in range(300):
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        start = time.monotonic()
+        busy = httpx.get(srv.url + "/health", timeout=10)  # answered at once, 503 while the idle ones hold
+        assert busy.status_code in (200, 503) and time.monotonic() - start < 5, busy.text
+        time.sleep(2)  # past --timeout-keep-alive the idle ones are closed
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200
+        for sock in held:  # each one was closed: at once with a 503 past the cap, or when idle too long
+            sock.settimeout(5)
+            reply = sock.recv(1 << 16)
+            assert reply == b"" or reply.startswith(b"HTTP/1.1 503 "), reply
+        log = "".join(srv.log)
+        assert "Too many open files" not in log and "Traceback" not in log, log[-3000:]
+    finally:
+        for sock in held:
+            sock.close()
         srv.kill()
 
 

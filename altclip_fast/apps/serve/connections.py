@@ -25,7 +25,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-__all__ = ["ConnectionLimits", "QuietDisconnects", "SHUTDOWN_READ_GRACE_S", "guarded_protocol", "raw_response"]
+__all__ = ["ConnectionGuard", "ConnectionLimits", "QuietDisconnects", "SHUTDOWN_READ_GRACE_S", "guarded_protocol", "raw_response"]
 
 logger = logging.getLogger("altclip_fast.serve")
 SHUTDOWN_READ_GRACE_S = 1.0
@@ -60,79 +60,88 @@ def guarded_protocol(limits: ConnectionLimits, metrics=None):
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    def count(reason: str) -> None:
-        if metrics is not None:
-            metrics.failure(reason)
+    return type("GuardedH11Protocol", (ConnectionGuard, H11Protocol),
+                {"limits": limits, "metrics": metrics, "h11": h11})
 
-    class GuardedH11Protocol(H11Protocol):
-        _timer = None
-        _phase = None
-        _stopping = False
 
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
-                count("too_many_connections")
-                self.transport.write(BUSY)
-                self.transport.close()
-                return
-            self._watch()
+class ConnectionGuard:
+    """The timers and the cap, mixed into uvicorn's ``H11Protocol`` by ``guarded_protocol`` (which sets
+    ``limits``, ``metrics`` and the ``h11`` module); it reads the protocol's ``conn``, ``cycle``,
+    ``transport``, ``flow``, ``connections`` and ``loop``."""
 
-        def connection_lost(self, exc) -> None:
-            self._arm(None, 0)
-            super().connection_lost(exc)
+    limits: ConnectionLimits
+    metrics = None
+    h11 = None
+    _timer = None
+    _phase = None
+    _stopping = False
 
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            self._watch(progress=True)
+    def count(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.failure(reason)
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._watch()
-
-        def shutdown(self) -> None:
-            self._stopping = True
-            super().shutdown()
-            self._watch()
-
-        def _watch(self, progress: bool = False) -> None:
-            """Arm the timer of the phase the connection is in (a body's restarts on each read)."""
-            if self.transport.is_closing():
-                return self._arm(None, 0)
-            state = self.conn.their_state
-            if state is h11.SEND_BODY:  # also after an early answer (401, 413): the rest keeps the pace
-                if progress or self._phase != "body" or self._stopping:
-                    self._arm("body", min(limits.body_s, SHUTDOWN_READ_GRACE_S) if self._stopping else limits.body_s)
-            elif state is h11.IDLE and self.conn.trailing_data[0]:
-                if self._phase != "head":  # from the head's first byte, not extended by each one
-                    self._arm("head", limits.header_s)
-            elif state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
-                self._arm("idle", limits.keep_alive_s)
-            else:  # the application has the request
-                self._arm(None, 0)
-
-        def _arm(self, phase: str | None, seconds: float) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer, self._phase = None, phase
-            if phase is not None:
-                self._timer = self.loop.call_later(seconds, self._expired, phase)
-
-        def _expired(self, phase: str) -> None:
-            self._timer = None
-            if self.transport.is_closing():
-                return
-            if phase == "body" and self.flow.read_paused:  # we are the slow one: the app has not read yet
-                return self._arm("body", limits.body_s)
-            if phase == "head" or (phase == "body" and not (self.cycle and self.cycle.response_started)):
-                count(f"{phase}_timeout")
-                self.transport.write(HEAD_TIMEOUT if phase == "head" else BODY_TIMEOUT)
-            if self.cycle is not None and not self.cycle.response_complete:
-                self.cycle.disconnected = True  # the application's reads end, its writes go nowhere
-                self.cycle.message_event.set()
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self.count("too_many_connections")
+            self.transport.write(BUSY)
             self.transport.close()
+            return
+        self._watch()
 
-    return GuardedH11Protocol
+    def connection_lost(self, exc) -> None:
+        self._arm(None, 0)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch(progress=True)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        super().shutdown()
+        self._watch()
+
+    def _watch(self, progress: bool = False) -> None:
+        """Arm the timer of the phase the connection is in (a body's restarts on each read)."""
+        if self.transport.is_closing():
+            return self._arm(None, 0)
+        h11, limits, state = self.h11, self.limits, self.conn.their_state
+        if state is h11.SEND_BODY:  # also after an early answer (401, 413): the rest keeps the pace
+            if progress or self._phase != "body" or self._stopping:
+                self._arm("body", min(limits.body_s, SHUTDOWN_READ_GRACE_S) if self._stopping else limits.body_s)
+        elif state is h11.IDLE and self.conn.trailing_data[0]:
+            if self._phase != "head":  # from the head's first byte, not extended by each one
+                self._arm("head", limits.header_s)
+        elif state is h11.IDLE and (self.cycle is None or self.cycle.response_complete):
+            self._arm("idle", limits.keep_alive_s)
+        else:  # the application has the request
+            self._arm(None, 0)
+
+    def _arm(self, phase: str | None, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._phase = None, phase
+        if phase is not None:
+            self._timer = self.loop.call_later(seconds, self._expired, phase)
+
+    def _expired(self, phase: str) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if phase == "body" and self.flow.read_paused:  # we are the slow one: the app has not read yet
+            return self._arm("body", self.limits.body_s)
+        if phase == "head" or (phase == "body" and not (self.cycle and self.cycle.response_started)):
+            self.count(f"{phase}_timeout")
+            self.transport.write(HEAD_TIMEOUT if phase == "head" else BODY_TIMEOUT)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True  # the application's reads end, its writes go nowhere
+            self.cycle.message_event.set()
+        self.transport.close()
 
 
 class QuietDisconnects:

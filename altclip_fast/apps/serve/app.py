@@ -23,8 +23,8 @@ import numpy as np
 
 from .. import zeroshot
 from .auth import BearerAuth
-from .connections import QuietDisconnects
 from .batching import Batcher, BatchFailed, QueueFull
+from .connections import QuietDisconnects
 from .health import Health
 from .hosts import HostCheck
 from .images import decode_image

@@ -25,7 +25,8 @@ import json
 import logging
 from dataclasses import dataclass
 
-__all__ = ["ConnectionGuard", "ConnectionLimits", "QuietDisconnects", "SHUTDOWN_READ_GRACE_S", "guarded_protocol", "raw_response"]
+__all__ = ["ConnectionGuard", "ConnectionLimits", "QuietDisconnects", "SHUTDOWN_READ_GRACE_S", "guarded_protocol",
+           "raw_response"]
 
 logger = logging.getLogger("altclip_fast.serve")
 SHUTDOWN_READ_GRACE_S = 1.0

@@ -66,7 +66,8 @@ class ServeOptions:
         None, flag="--api-key", group=SERVER,
         help=f"require Authorization: Bearer KEY on every route but /health (or set {API_KEY_ENV})")
     model_name: str = setting("altclip", flag="--served-model-name", group=SERVER, dest="served_model_name",
-                              cli_default=None, help="the model id /v1/models lists (default: the --model folder's name, or the hub id)")
+                              cli_default=None,
+                              help="the model id /v1/models lists (default: the --model folder's name, or the hub id)")
     max_batch_tokens: int = setting(8192, flag="--max-batch-tokens", minimum=1,
                                     help="real tokens per text batch (default: 8192)")
     max_batch_images: int = setting(32, flag="--max-batch-images", minimum=1, help="images per batch (default: 32)")

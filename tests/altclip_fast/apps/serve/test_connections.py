@@ -57,7 +57,8 @@ def read_response(sock: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    lengths = [line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    length = int(lengths[0])
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
@@ -115,6 +116,33 @@ def test_headers_sent_a_byte_at_a_time_get_408_after_the_header_timeout(serving)
         assert reply.startswith(b"HTTP/1.1 408 "), reply
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == 408
         assert time.monotonic() - start < 4.5
+
+
+async def refuse_unread(scope, receive, send):
+    """Answers 401 without reading the body, as BearerAuth does."""
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_after_a_response_a_slow_next_head_and_a_trickled_unread_body_are_cut(serving):
+    limits = ConnectionLimits(keep_alive_s=5, header_s=0.8, body_s=0.8)
+    with serving(echo_length, limits) as (port, _), connect(port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        sock.sendall(b"GET / HTTP/1.1\r\n")  # the next head, never finished: the idle timer must not apply
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - start < 3
+    with serving(refuse_unread, limits) as (port, _), connect(port) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n")
+        start = time.monotonic()
+        with contextlib.suppress(OSError):  # a byte every 0.5 s keeps the pace; then it stalls
+            for _ in range(4):
+                sock.sendall(b"x")
+                time.sleep(0.5)
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 401 ")
+        assert 2 < time.monotonic() - start < 5
 
 
 def test_a_stalled_upload_gets_408_after_the_body_timeout_and_a_slow_one_does_not(serving):

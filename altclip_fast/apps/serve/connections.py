@@ -25,7 +25,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-__all__ = ["ConnectionGuard", "ConnectionLimits", "QuietDisconnects", "SHUTDOWN_READ_GRACE_S", "guarded_protocol",
+__all__ = ["ConnectionGuard", "ConnectionLimits", "OutOfFilesNotice", "QuietDisconnects", "SHUTDOWN_READ_GRACE_S", "guarded_protocol",
            "raw_response"]
 
 logger = logging.getLogger("altclip_fast.serve")
@@ -143,6 +143,34 @@ class ConnectionGuard:
             self.cycle.disconnected = True  # the application's reads end, its writes go nowhere
             self.cycle.message_event.set()
         self.transport.close()
+
+
+class OutOfFilesNotice(logging.Filter):
+    """On asyncio's logger: "socket.accept() out of system resource" with a traceback, once per failed
+    accept(), becomes one line saying what to do, at most once every ``every_s`` seconds. (The cap
+    should keep accept() from running out of files; this is the net under it.)"""
+
+    def __init__(self, every_s: float = 10.0, clock=None):
+        super().__init__()
+        import time
+
+        self.every_s, self.clock, self.last = every_s, clock or time.monotonic, None
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("socket.accept() out of system resource"):
+            return True
+        now = self.clock()
+        if self.last is not None and now - self.last < self.every_s:
+            self.dropped += 1
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg = (f"accept() failed ({error or 'out of resources'}): new connections wait; lower "
+                      f"--max-connections or raise the open-file limit (ulimit -n)"
+                      + (f" ({self.dropped} more since the last notice)" if self.dropped else ""))
+        record.args, record.exc_info, record.exc_text = (), None, None
+        self.last, self.dropped = now, 0
+        return True
 
 
 class QuietDisconnects:

@@ -4,6 +4,7 @@ SIGTERM/SIGINT (finishing the requests in flight), exit 0."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import sys
 
 from ...errors import UsageError
 from .app import create_app
-from .connections import ConnectionLimits, guarded_protocol
+from .connections import ConnectionLimits, OutOfFilesNotice, guarded_protocol
 from .model import ServedModel
 from .options import Listen, ServeOptions
 
@@ -113,9 +114,12 @@ def run(args, session_factory) -> int:
     # then raises the signal again under the handlers it found. These handlers make that a clean
     # exit 0 instead of death by signal or a KeyboardInterrupt.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    notice = OutOfFilesNotice()
+    logging.getLogger("asyncio").addFilter(notice)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        logging.getLogger("asyncio").removeFilter(notice)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print("altclip-fast serve: stopped", file=sys.stderr, flush=True)

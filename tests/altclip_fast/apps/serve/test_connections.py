@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import statistics
 import time
@@ -197,3 +198,27 @@ def test_the_connection_cap_fits_the_open_file_limit(monkeypatch):
     cap, note = connection_cap(1024, in_use=40)
     assert cap == 256 - 40 - FILES_SPARE and "lowered from 1024 to 152" in note
     assert connection_cap(100, in_use=40) == (100, None)
+
+
+def test_accept_running_out_of_files_is_one_line_now_and_then(caplog):
+    from altclip_fast.apps.serve.connections import OutOfFilesNotice
+
+    now = [0.0]
+    notice = OutOfFilesNotice(every_s=10, clock=lambda: now[0])
+    log = logging.getLogger("asyncio")
+    log.addFilter(notice)
+    try:
+        for t in (0, 0.5, 1, 11, 12):
+            now[0] = t
+            try:
+                raise OSError(24, "Too many open files")
+            except OSError as exc:
+                log.error("socket.accept() out of system resource\nsocket: <fd=3>", exc_info=exc)
+        log.error("something else")
+    finally:
+        log.removeFilter(notice)
+    records = [r for r in caplog.records if r.name == "asyncio"]
+    assert [r.exc_info for r in records] == [None, None, None]
+    assert "Too many open files" in records[0].getMessage() and "\n" not in records[0].getMessage()
+    assert "(2 more since the last notice)" in records[1].getMessage()
+    assert records[2].getMessage() == "something else"

@@ -122,6 +122,30 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(model_dir, direct):
         srv.kill()
 
 
+def test_sigterm_does_not_wait_for_stalled_uploads_or_silent_clients(model_dir):
+    srv = Server(model_dir)
+    held = []
+    try:
+        port = int(srv.url.rsplit(":", 1)[1])
+        for i in range(30):  # 20 uploads that stall after 10 bytes, 10 connections that never send
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.append(sock)
+            if i < 20:
+                sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+                             b"0123456789")
+        time.sleep(0.5)
+        start = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0, "".join(srv.log)
+        assert time.monotonic() - start < 10  # it was 62 s: the graceful timeout, waiting on the uploads
+        srv.reader.join(30)
+        assert srv.log[-1] == "altclip-fast serve: stopped\n" and "Traceback" not in "".join(srv.log), srv.log
+    finally:
+        for sock in held:
+            sock.close()
+        srv.kill()
+
+
 def test_idle_connections_past_the_open_file_limit_get_503_then_time_out(model_dir):
     """With 256 open files and 300 idle connections, the server once timed every request out and logged
     a traceback per failed accept(); now the cap (lowered to fit) answers 503 and the idle ones go."""

@@ -4,7 +4,8 @@ Runs the real server (a subprocess on 127.0.0.1, an ephemeral port) twice in the
 dynamic batching (the defaults) and with batching off (``--max-batch-images 1`` and
 ``--max-batch-tokens`` the length of one text), for short texts and for images. Each client sends
 one item per request, back to back, a fixed number of times: every loop is bounded in count, and an
-overall deadline stops a run that hangs.
+overall deadline stops a run that hangs. Before the load, one ``openai`` client sends ``--single-calls``
+texts one after the other on one kept-open connection: the latency a lone client sees (p50, p99).
 
 Without ``--model`` it writes a random checkpoint in BAAI/AltCLIP's full-size architecture (once, into
 ``--work-dir``) with a small test tokenizer, so nothing is downloaded::
@@ -115,6 +116,28 @@ def load(url: str, clients: int, per_client: int, make_body, deadline_s: float) 
             "p99_ms": round(1000 * pct(0.99), 1)}
 
 
+def single_client(url: str, calls: int, make_input) -> dict:
+    """One ``openai`` client, one kept-open connection, ``calls`` text embeddings one after the other:
+    the latency a lone client sees (each after the first reuses the connection, as the client does)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client.embeddings.create(model="altclip", input=make_input(0))  # opens the connection
+    latencies = []
+    for i in range(calls):
+        start = time.perf_counter()
+        client.embeddings.create(model="altclip", input=make_input(i))
+        latencies.append(time.perf_counter() - start)
+    client.close()
+    latencies.sort()
+
+    def pct(p):
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))]
+
+    return {"calls": calls, "p50_ms": round(1000 * pct(0.50), 2), "p99_ms": round(1000 * pct(0.99), 2),
+            "mean_ms": round(1000 * sum(latencies) / len(latencies), 2)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: random full-size weights in --work-dir)")
@@ -125,6 +148,11 @@ def main(argv=None) -> int:
     parser.add_argument("--texts-per-client", type=int, default=4)
     parser.add_argument("--image-clients", type=int, default=8)
     parser.add_argument("--images-per-client", type=int, default=2)
+    parser.add_argument("--single-calls", type=int, default=200,
+                        help="text embeddings one after the other on one kept-open connection with the openai "
+                             "client, for single-client latency (0: skip)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the single-client latency, on the defaults (no load runs)")
     parser.add_argument("--deadline-s", type=float, default=300, help="per load run")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -149,10 +177,18 @@ def main(argv=None) -> int:
 
     modes = {"dynamic batching": [], "no batching": ["--max-batch-images", "1", "--max-batch-tokens", str(longest)]}
     results = {"model": str(model), "dtype": args.dtype, "cpu_threads": os.cpu_count(), "runs": []}
+    if args.latency_only:
+        modes = {"dynamic batching": modes["dynamic batching"]}
     for mode, options in modes.items():
         server = Server(model, args.dtype, options)
         try:
             load(server.url, 2, 1, lambda i: {"input": [text(i)]}, args.deadline_s)  # warm up
+            if args.single_calls and mode == "dynamic batching":
+                results["single_client"] = single_client(server.url, args.single_calls, text)
+                print(json.dumps({"mode": "one openai client, one kept-open connection", "kind": "text",
+                                  **results["single_client"]}), flush=True)
+            if args.latency_only:
+                continue
             row = load(server.url, args.text_clients, args.texts_per_client, lambda i: {"input": [text(i)]},
                        args.deadline_s)
             results["runs"].append({"mode": mode, "kind": "text", **row})
@@ -166,7 +202,7 @@ def main(argv=None) -> int:
             server.stop()
     by = {(r["mode"], r["kind"]): r for r in results["runs"]}
     for kind in ("text", "image"):
-        if (("dynamic batching", kind) in by) and by[("no batching", kind)]["items_per_s"]:
+        if ("dynamic batching", kind) in by and by.get(("no batching", kind), {}).get("items_per_s"):
             speedup = by[("dynamic batching", kind)]["items_per_s"] / by[("no batching", kind)]["items_per_s"]
             results[f"{kind}_speedup"] = round(speedup, 2)
             print(f"{kind}: dynamic batching {speedup:.2f}x the throughput of no batching", flush=True)

@@ -12,6 +12,8 @@ One job per module:
 - ``batching``: the dynamic batcher (pure asyncio).
 - ``metrics``, ``label_cache``, ``health``, ``auth``: Prometheus metrics, classification label rows,
   ``/health``'s probe, the bearer-key middleware.
+- ``hosts``: the Host check without a key (DNS rebinding); ``connections``: uvicorn's protocol with
+  idle, header and body timeouts and a connection cap, and quiet client disconnects.
 - ``app``: ``create_app`` and the routes; ``server``: ``run`` (bind, load, probe, uvicorn, signals).
 
 Zero-shot classification is ``altclip_fast.apps.zeroshot``, shared with the CLI's ``classify``. The web

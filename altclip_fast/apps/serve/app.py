@@ -26,7 +26,9 @@ import numpy as np
 from .. import zeroshot
 from .auth import BearerAuth
 from .batching import Batcher, BatchFailed, QueueFull
+from .connections import QuietDisconnects
 from .health import Health
+from .hosts import HostCheck
 from .images import decode_header, read_headers
 from .label_cache import LabelCache
 from .metrics import Metrics
@@ -38,7 +40,8 @@ __all__ = ["Rows", "Routes", "counted", "create_app", "encode", "predictions", "
 
 
 def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[[], None] | None = None):
-    """The ASGI application (behind ``BearerAuth`` when ``options.api_key`` is set). ``on_ready`` runs
+    """The ASGI application, behind ``BearerAuth`` when ``options.api_key`` is set, else ``HostCheck``
+    (``--allow-host``), and ``QuietDisconnects`` outermost. ``on_ready`` runs
     once the batcher is up (the CLI prints its address there)."""
     from starlette.applications import Starlette
     from starlette.routing import Route
@@ -66,7 +69,10 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
         Route("/metrics", routes.metrics_route, methods=["GET"]),
     ], lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.label_cache = rows.batcher, metrics, rows.labels
-    return BearerAuth(app, options.api_key, metrics) if options.api_key else app
+    # With a key, the key guards every route; without one, a foreign Host (DNS rebinding) is refused.
+    guarded = BearerAuth(app, options.api_key, metrics) if options.api_key else HostCheck(
+        app, options.allow_hosts, metrics)
+    return QuietDisconnects(guarded, metrics)
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -168,6 +174,9 @@ class Rows:
             for future in futures:
                 future.cancel()
             gathered.cancel()
+            # A gather whose item is cancelled ends with CancelledError as its *exception*; unretrieved, asyncio
+            # logs "_GatheringFuture exception was never retrieved" for every client that leaves mid-batch.
+            gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise ApiError(499, "the client disconnected", reason="client_disconnected_request")
         try:
             rows = gathered.result()

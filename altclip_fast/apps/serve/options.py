@@ -12,18 +12,20 @@ import argparse
 import os
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from ... import environment
 from ...errors import UsageError
 
 __all__ = ["API_KEY_ENV", "HEALTH_TTL_S", "Listen", "ServeOptions", "add_arguments", "check_minimums", "cli_default",
-           "flag_fields", "setting"]
+           "flag_fields", "served_name", "setting"]
 
 API_KEY_ENV = "ALTCLIP_FAST_API_KEY"
 HEALTH_TTL_S = 5.0
 SERVER = "server"
 LIMITS = "batching and limits"
+CONNECTIONS = "connections and hosts"
 
 
 def setting(default: Any = MISSING, *, flag: str | None = None, help: str | None = None,  # noqa: A002
@@ -64,7 +66,8 @@ class ServeOptions:
         None, flag="--api-key", group=SERVER,
         help=f"require Authorization: Bearer KEY on every route but /health (or set {API_KEY_ENV})")
     model_name: str = setting("altclip", flag="--served-model-name", group=SERVER, dest="served_model_name",
-                              cli_default=None, help="the model id /v1/models lists (default: --model)")
+                              cli_default=None,
+                              help="the model id /v1/models lists (default: the --model folder's name, or the hub id)")
     max_batch_tokens: int = setting(8192, flag="--max-batch-tokens", minimum=1,
                                     help="real tokens per text batch (default: 8192)")
     max_batch_images: int = setting(32, flag="--max-batch-images", minimum=1, help="images per batch (default: 32)")
@@ -93,15 +96,41 @@ class ServeOptions:
         help="image pixels per request, summed from the image headers before any is decoded, else 413 "
              "(default: 120000000, three images at the 40-megapixel limit per image)")
     health_ttl_s: float = setting(HEALTH_TTL_S)  # how long a /health probe's answer is reused
+    allow_hosts: tuple[str, ...] = setting(
+        (), flag="--allow-host", group=CONNECTIONS, cli_default=None,
+        help="without an API key, answer requests whose Host header is this name too (repeatable; '*': any); "
+             "by default only IP addresses and localhost, which a web page cannot rebind")
+    max_connections: int = setting(1024, flag="--max-connections", minimum=1, group=CONNECTIONS,
+                                   help="open connections before new ones get 503 (default: 1024, lowered to fit "
+                                        "the open-file limit)")
+    timeout_keep_alive_s: float = setting(5.0, flag="--timeout-keep-alive", minimum=0.1, group=CONNECTIONS,
+                                          help="seconds a connection may sit idle between requests (default: 5)")
+    timeout_header_s: float = setting(10.0, flag="--timeout-header", minimum=0.1, group=CONNECTIONS,
+                                      help="seconds to send a request's headers, from its first byte (default: 10)")
+    timeout_body_s: float = setting(30.0, flag="--timeout-body", minimum=0.1, group=CONNECTIONS,
+                                    help="longest pause while sending a request body, else 408 (default: 30)")
+    timeout_shutdown_s: float = setting(60.0, flag="--timeout-graceful-shutdown", minimum=0.1, group=CONNECTIONS,
+                                        help="on SIGTERM, seconds to finish the requests in flight (default: 60)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServeOptions:
         """The options a parsed command line asks for; a value under its minimum is a UsageError."""
         check_minimums(args)
         values = {f.name: getattr(args, _dest(f)) for f in flag_fields(cls)}
-        values["model_name"] = args.served_model_name or args.model
+        values["model_name"] = args.served_model_name or served_name(args.model)
+        if args.api_key is not None and not args.api_key.strip():
+            # An unset shell variable (--api-key "$KEY") must not quietly turn authentication off.
+            raise UsageError(f"--api-key is empty (an unset shell variable?): give a key, or set {API_KEY_ENV}")
         values["api_key"] = args.api_key or environment.get(API_KEY_ENV) or None
+        values["allow_hosts"] = tuple(values["allow_hosts"] or ())
         return cls(**{**values, **overrides})
+
+
+def served_name(model: str) -> str:
+    """The id ``/v1/models`` lists for ``--model``: a local directory's own name (its path is nobody's
+    business), a hub id as it is (vLLM and TEI do the same)."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
 
 
 def flag_fields(cls) -> list[Field]:
@@ -131,6 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"default": default, "help": meta["help"], "dest": _dest(f)}
         if type(default) in (int, float):
             kwargs["type"] = type(default)
+        if isinstance(f.default, tuple):  # a repeatable flag: each use adds one value
+            kwargs.update(action="append", metavar=meta["flag"].rsplit("-", 1)[-1].upper())
         groups[meta["group"]].add_argument(meta["flag"], **kwargs)
 
 

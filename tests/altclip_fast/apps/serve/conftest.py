@@ -75,8 +75,52 @@ def app_client(model_dir):
     @contextlib.contextmanager
     def make(headers=None, **options):
         served = served_model(model_dir)
-        with TestClient(create_app(served, ServeOptions(**options)), headers=headers or {}) as client:
+        with TestClient(create_app(served, ServeOptions(**options)), base_url="http://127.0.0.1",
+                        headers=headers or {}) as client:
             client.served = served
             yield client
 
     return make
+
+
+@pytest.fixture
+def serving():
+    """``serving(app, limits, **config)``: a context manager running ``app`` under uvicorn with the
+    guarded protocol in a thread, on 127.0.0.1 (an ephemeral port), yielding ``(port, server)``; the
+    server is stopped at exit (``server.should_exit``) and its thread joined."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from altclip_fast.apps.serve.connections import guarded_protocol
+    from altclip_fast.apps.serve.options import Listen
+    from altclip_fast.apps.serve.server import bind
+
+    @contextlib.contextmanager
+    def run(app, limits, **config):
+        sock = bind(Listen("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, http=guarded_protocol(limits), log_level="warning",
+                                               timeout_keep_alive=limits.keep_alive_s, **{"lifespan": "off", **config}))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        server.thread = thread
+        try:
+            yield sock.getsockname()[1], server
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+    return run
+
+
+@pytest.fixture
+def served_app(model_dir):
+    """``served_app(**options)``: ``create_app`` on a fresh tiny ``ServedModel`` (for ``serving``)."""
+    from altclip_fast.apps.serve import ServeOptions, create_app
+
+    return lambda **options: create_app(served_model(model_dir), ServeOptions(**options))

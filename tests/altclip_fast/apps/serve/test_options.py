@@ -18,7 +18,8 @@ BEFORE = [
     ("--port", "port", 8000, int, "port (default: 8000; 0 picks a free one)"),
     ("--api-key", "api_key", None, None,
      f"require Authorization: Bearer KEY on every route but /health (or set {API_KEY_ENV})"),
-    ("--served-model-name", "served_model_name", None, None, "the model id /v1/models lists (default: --model)"),
+    ("--served-model-name", "served_model_name", None, None,
+     "the model id /v1/models lists (default: the --model folder's name, or the hub id)"),
     ("--max-batch-tokens", "max_batch_tokens", 8192, int, "real tokens per text batch (default: 8192)"),
     ("--max-batch-images", "max_batch_images", 32, int, "images per batch (default: 32)"),
     ("--max-wait-ms", "max_wait_ms", 5.0, float, "longest wait for a batch to fill (default: 5)"),
@@ -62,6 +63,8 @@ def test_the_generated_flags_are_the_hand_written_ones():
     assert groups["server"] == ["--host", "--port", "--api-key", "--served-model-name"]
     assert groups["batching and limits"] == [f for f, *_ in BEFORE[4:]] + ["--preprocess-workers",
                                                                            "--max-request-pixels"]
+    assert groups["connections and hosts"] == ["--allow-host", "--max-connections", "--timeout-keep-alive",
+                                               "--timeout-header", "--timeout-body", "--timeout-graceful-shutdown"]
 
 
 def test_the_argparse_defaults_and_help_are_the_dataclass_fields():
@@ -119,3 +122,30 @@ def test_bad_values_are_refused_with_the_flag_named(argv, message):
     with pytest.raises(UsageError) as caught:
         ServeOptions.from_args(_parser().parse_args(argv))
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("key", ["", " ", "\t"])
+def test_an_empty_api_key_is_refused_rather_than_turning_auth_off(monkeypatch, key):
+    monkeypatch.setenv(API_KEY_ENV, "from-env")  # not even the environment's key stands in for it
+    with pytest.raises(UsageError) as caught:
+        ServeOptions.from_args(_parser().parse_args(["--api-key", key]))
+    assert str(caught.value).startswith("--api-key is empty") and API_KEY_ENV in str(caught.value)
+
+
+def test_the_served_model_name_is_the_folder_not_its_path(tmp_path):
+    model = tmp_path / "my-altclip"
+    model.mkdir()
+    for given in (str(model), str(model) + "/", f"{model}/../my-altclip"):
+        assert ServeOptions.from_args(_parser().parse_args(["--model", given])).model_name == "my-altclip"
+    assert ServeOptions.from_args(_parser().parse_args(["--model", "BAAI/AltCLIP"])).model_name == "BAAI/AltCLIP"
+
+
+def test_allow_host_repeats_and_the_connection_limits_parse():
+    args = _parser().parse_args(["--allow-host", "a.internal", "--allow-host", "b.internal", "--max-connections", "9",
+                                 "--timeout-body", "2.5"])
+    options = ServeOptions.from_args(args)
+    assert options.allow_hosts == ("a.internal", "b.internal") and ServeOptions.from_args(
+        _parser().parse_args([])).allow_hosts == ()
+    assert (options.max_connections, options.timeout_body_s, options.timeout_header_s) == (9, 2.5, 10.0)
+    with pytest.raises(UsageError, match="--timeout-header must be at least 0.1, got 0.0"):
+        ServeOptions.from_args(_parser().parse_args(["--timeout-header", "0"]))

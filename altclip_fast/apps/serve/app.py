@@ -225,7 +225,11 @@ def counted(route: str):
         async def guarded(self, request):
             try:
                 return await handler(self, request)
-            except Exception:
+            except Exception as exc:
+                from starlette.requests import ClientDisconnect
+
+                if isinstance(exc, ClientDisconnect):
+                    raise  # the client left mid-upload: a normal event, counted by QuietDisconnects
                 logging.getLogger(__name__).exception("%s failed", route)
                 return self.error(ApiError(500, "internal server error", kind="server_error", reason="internal"),
                                   route)

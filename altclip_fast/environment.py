@@ -46,6 +46,8 @@ VARIABLES = {v.name: v for v in (
              "SIGKILL the embedding process (the Ray driver too) right after that many shards are written."),
     Variable("_ALTCLIP_FAST_CRASH_BEFORE_META", "", "altclip_fast.apps.faults",
              "SIGKILL a single-file embed after its output is renamed into place, before its metadata is."),
+    Variable("_ALTCLIP_FAST_CRASH_BEFORE_SHARD_EMB", "", "altclip_fast.apps.faults",
+             "SIGKILL the process writing shard K (the value) after its metadata is renamed into place, before its embeddings are."),
     Variable("_ALTCLIP_FAST_RAY_KILL_ACTOR_ONCE", "", "altclip_fast.apps.faults",
              "A path: the first Ray model actor call that finds no file there creates it and kills its actor."),
     Variable("_ALTCLIP_FAST_SLOW_FORWARD_MS", "", "altclip_fast.apps.faults",

@@ -11,6 +11,7 @@ hook                            environment variable                        call
 ``after_batch(saved)``          ``_ALTCLIP_FAST_CRASH_AFTER_BATCHES=N``     the local engine
 ``after_shard(written)``        ``_ALTCLIP_FAST_CRASH_AFTER_SHARDS=N``      both engines (the driver)
 ``before_meta()``               ``_ALTCLIP_FAST_CRASH_BEFORE_META=1``       the single-file writer
+``before_shard_embeddings(k)``  ``_ALTCLIP_FAST_CRASH_BEFORE_SHARD_EMB=K``  the sharded writer
 ``actor_kill_marker()``         ``_ALTCLIP_FAST_RAY_KILL_ACTOR_ONCE=PATH``  the Ray engine's actors
 ``slow_forward()``              ``_ALTCLIP_FAST_SLOW_FORWARD_MS=MS``        serve's model thread
 ==============================  ==========================================  ==========================
@@ -28,6 +29,7 @@ from .. import environment
 CRASH_AFTER_BATCHES = "_ALTCLIP_FAST_CRASH_AFTER_BATCHES"
 CRASH_AFTER_SHARDS = "_ALTCLIP_FAST_CRASH_AFTER_SHARDS"
 CRASH_BEFORE_META = "_ALTCLIP_FAST_CRASH_BEFORE_META"
+CRASH_BEFORE_SHARD_EMB = "_ALTCLIP_FAST_CRASH_BEFORE_SHARD_EMB"
 RAY_KILL_ACTOR_ONCE = "_ALTCLIP_FAST_RAY_KILL_ACTOR_ONCE"
 SLOW_FORWARD_MS = "_ALTCLIP_FAST_SLOW_FORWARD_MS"
 
@@ -63,6 +65,13 @@ def after_shard(written: int) -> None:
 def before_meta() -> None:
     """The single-file output is in place and its metadata not yet."""
     if environment.get(CRASH_BEFORE_META):
+        _kill_self()
+
+
+def before_shard_embeddings(k: int) -> None:
+    """Shard ``k``'s metadata is in place and its embeddings not yet."""
+    shard = environment.get(CRASH_BEFORE_SHARD_EMB)
+    if shard and int(shard) == k:
         _kill_self()
 
 

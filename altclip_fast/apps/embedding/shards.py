@@ -7,7 +7,8 @@
 
 Shard ``k`` is the inputs ``[k*N, (k+1)*N)`` of the listing (its rows are those of them that could be
 embedded); boundaries depend only on the listing and ``--shard-size``, so any engine, and a resumed
-run, cut the same shards. Each file is written to a temporary name and renamed; a shard's marker
+run, cut the same shards. Each file is written to a temporary name and renamed, the metadata before
+the embeddings (a listed ``.npy`` always has its parquet); a shard's marker
 ``DIR/.altclip-fast/shard-{k}.json`` (its files' sizes and its skipped inputs) is renamed last, so a
 shard with a marker is complete. ``skipped.parquet``, written when every shard is, marks a finished
 run. The run's state (``plan``, ``parts``) is ``DIR/.altclip-fast/``.
@@ -25,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ...errors import AltCLIPError, UsageError
+from .. import faults
 from . import files
 from .inputs import Listing
 from .job import EmbedJob, Work
@@ -106,18 +108,22 @@ def _skipped_schema():
 
 def write_shard(paths: ShardPaths, k: int, schema, embeddings: dict[str, np.ndarray], rows: list[dict],
                 skipped: list[dict]) -> dict:
-    """Shard ``k``'s files, its marker last. ``embeddings``: ``{"image": ..., "text": ...}``."""
-    written = {}
+    """Shard ``k``'s files: its metadata first, then its embeddings, its marker last, so that a reader
+    that lists the ``.npy`` files (clip-retrieval's ``index`` does) never finds one without its metadata,
+    even after a crash. ``embeddings``: ``{"image": ..., "text": ...}``."""
     for modality, array in embeddings.items():
         if len(array) != len(rows):
             raise AltCLIPError(f"internal error: shard {k} has {len(array)} {modality} rows for {len(rows)} metadata rows")
+    written = {}
+    meta = paths.metadata(k)
+    meta.parent.mkdir(exist_ok=True)
+    written[str(meta.relative_to(paths.root))] = files.write_file(meta, _parquet_writer(rows, schema))
+    faults.before_shard_embeddings(k)
+    for modality, array in embeddings.items():
         path = paths.embeddings(modality, k)
         path.parent.mkdir(exist_ok=True)
         written[str(path.relative_to(paths.root))] = files.write_file(
             path, lambda f, a=array: files.write_npy_array(f, a))
-    meta = paths.metadata(k)
-    meta.parent.mkdir(exist_ok=True)
-    written[str(meta.relative_to(paths.root))] = files.write_file(meta, _parquet_writer(rows, schema))
     marker = {"shard": k, "rows": len(rows), "files": written, "skipped": skipped}
     files.write_file(paths.marker(k), lambda f: f.write(json.dumps(marker, ensure_ascii=False).encode("utf-8")))
     return marker

@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--out-dir: the stored dtype (default float16, as clip-retrieval)")
     p.add_argument("--no-normalize", action="store_true", help="--out-dir: keep embeddings unnormalised")
     p.add_argument("--with-text", action="store_true",
-                   help="--out-dir with webdataset input: embed each sample's txt caption too, row-aligned")
+                   help="--out-dir with webdataset input or image files: embed each sample's txt caption "
+                        "(for files, a/b.txt beside a/b.jpg) too, row-aligned")
     p.add_argument("--engine", choices=["local", "ray"], default="local", help="--out-dir: where the work runs")
     p.add_argument("--ray-address", default=None, help="--engine ray: a cluster address (default: a local Ray)")
     p.add_argument("--ray-workers", type=int, default=1, help="--engine ray: model actors (default 1)")

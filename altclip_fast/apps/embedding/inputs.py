@@ -1,5 +1,6 @@
 """Every input kind -> one ``Listing``: a folder (recursive), a glob, an image file, a caption file
-(one caption per line), or webdataset tar shards.
+(one caption per line), or webdataset tar shards; with --with-text, image files are captioned by the
+``.txt`` beside each (clip-retrieval's "files" input) and webdataset samples by their ``txt``.
 
 The listing is made and sorted up front: input ``i`` is the ``i``-th of it whatever engine or writer
 runs, and a resumed run is checked against it (``plan``).
@@ -222,6 +223,40 @@ def _caption_listing(spec: str, path: Path) -> Listing:
     return listing
 
 
+def _read_caption(path: str) -> tuple[str | None, list[int] | None, str | None]:
+    """``(caption, [size, mtime_ns], None)`` for an image's caption file, or ``(None, None, reason)``."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            raw = f.read()
+    except FileNotFoundError:
+        return None, None, "no txt caption (--with-text)"
+    except OSError as exc:
+        return None, None, f"cannot read its txt caption: {exc.strerror or exc}"
+    return raw.decode("utf-8", "replace").strip(), [st.st_size, st.st_mtime_ns], None
+
+
+def with_captions(images: Listing) -> Listing:
+    """--with-text on image files (clip-retrieval's "files" input): each image's caption is the ``.txt``
+    beside it (``a/b.jpg`` -> ``a/b.txt``), read as a webdataset ``txt`` member is; an image without
+    one is skipped, as a sample without ``txt`` is. A caption file's size and mtime join its image's
+    ``stats``, so that ``--resume`` computes an input again when either changed."""
+    listing = Listing("image", "files", [], [], [], list(images.skipped), texts=[])
+    for path, row, st in zip(images.items, images.rows, images.stats):
+        caption, caption_st, reason = _read_caption(os.path.splitext(path)[0] + ".txt")
+        if caption is None:
+            listing.skipped.append({"path": path, "reason": reason, "category": "no caption"})
+            continue
+        listing.items.append(path)
+        listing.rows.append({"image_path": path, "key": f"{len(listing.rows):09d}", "caption": caption})
+        listing.identity.append(os.path.realpath(path))
+        listing.stats.append([*st, *caption_st])
+        listing.texts.append(caption)
+    listing.files = listing.identity
+    listing.skipped.sort(key=lambda s: s["path"])
+    return listing
+
+
 def find_inputs(spec: str) -> Listing:
     """A folder (recursive), a glob, an image file, or a text file with one caption per line."""
     path = Path(spec).expanduser()
@@ -253,9 +288,14 @@ def list_inputs(spec: str, *, webdataset: bool = True, with_text: bool = False) 
         if not listing.items:
             raise UsageError(f"{spec}: no sample in these tar files has an image")
     else:
-        if with_text:
-            raise UsageError("--with-text needs webdataset input (tar shards whose samples carry a txt caption)")
         listing = find_inputs(spec)
+        if with_text:
+            if listing.source != "files":
+                raise UsageError("--with-text needs webdataset input (tar shards whose samples carry a txt caption) "
+                                 "or image files with a caption beside each (a/b.jpg and a/b.txt)")
+            listing = with_captions(listing)
+            if not listing.items:
+                raise UsageError(f"{spec}: no image has a caption beside it (a/b.txt for a/b.jpg; --with-text)")
     listing.spec = spec
     return listing
 

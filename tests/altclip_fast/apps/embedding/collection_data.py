@@ -62,3 +62,19 @@ def metadata(out: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     return [row for p in sorted((out / "metadata").glob("*.parquet")) for row in pq.read_table(p).to_pylist()]
+
+
+CAPTIONED = {"img0.png": "a cat", "img3.png": "一只狗", "sub/img1.jpg": "ein Hund", "broken.jpg": "never embedded"}
+
+
+def write_captioned_folder(root: Path) -> Path:
+    """``root/captioned``: clip-retrieval's "files" input, each image with its caption beside it
+    (``CAPTIONED``), plus an image without a caption (``sub/img2.png``) and a broken one with its caption."""
+    folder = root / "captioned"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["img0.png", "sub/img1.jpg", "sub/img2.png", "img3.png"]):
+        photo_like(36 + i, 30, seed=20 + i).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    for name, caption in CAPTIONED.items():
+        (folder / name).with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+    return folder

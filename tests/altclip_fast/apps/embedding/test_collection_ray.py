@@ -1,6 +1,6 @@
 """``embed --out-dir --engine ray``: the local engine's shards from a local Ray (num_cpus=2, started
-once for the module and shut down after), webdataset input with --with-text, an actor killed mid-run,
-and ``embed_dataset``."""
+once for the module and shut down after), webdataset input and captioned image files with --with-text,
+an actor killed mid-run, and ``embed_dataset``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from tests.altclip_fast.apps.cli_helpers import cli_main, run_cli
-from tests.altclip_fast.apps.embedding.collection_data import CPU, metadata, shards, write_collection
+from tests.altclip_fast.apps.embedding.collection_data import (
+    CPU, metadata, shards, write_captioned_folder, write_collection,
+)
 
 pytest.importorskip("transformers")
 ray = pytest.importorskip("ray")
@@ -136,3 +138,12 @@ def test_ray_engine_on_webdataset_with_text(work, local_ray, monkeypatch, capsys
     reasons = [r["reason"] for r in pq.read_table(work / "wds_ray" / "skipped.parquet").to_pylist()]
     assert len(reasons) == 3 and any("cannot decode" in r for r in reasons), reasons
     assert len(metadata(work / "wds_ray")) == sum(len(t) for t in shards(work / "wds_ray", "text")) == 5
+
+
+def test_ray_engine_on_captioned_image_files_with_text(work, local_ray):
+    write_captioned_folder(work)
+    cmd = ["embed", "captioned", "--with-text", "--shard-size", 2, "--batch-size", 2, *CPU]
+    assert cli_main(*cmd, "--out-dir", "ftxt_local", cwd=work) == 0
+    assert cli_main(*cmd, "--out-dir", "ftxt_ray", "--engine", "ray", cwd=work) == 0
+    _same(work / "ftxt_ray", work / "ftxt_local")
+    assert len(metadata(work / "ftxt_ray")) == sum(len(t) for t in shards(work / "ftxt_ray", "text")) == 3

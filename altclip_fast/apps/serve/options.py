@@ -19,13 +19,14 @@ from ... import environment
 from ...errors import UsageError
 
 __all__ = ["API_KEY_ENV", "HEALTH_TTL_S", "Listen", "ServeOptions", "add_arguments", "check_minimums", "cli_default",
-           "flag_fields", "served_name", "setting"]
+           "flag_fields", "parse_collections", "served_name", "setting"]
 
 API_KEY_ENV = "ALTCLIP_FAST_API_KEY"
 HEALTH_TTL_S = 5.0
 SERVER = "server"
 LIMITS = "batching and limits"
 CONNECTIONS = "connections and hosts"
+SEARCH = "search service"
 
 
 def setting(default: Any = MISSING, *, flag: str | None = None, help: str | None = None,  # noqa: A002
@@ -112,6 +113,11 @@ class ServeOptions:
     timeout_shutdown_s: float = setting(60.0, flag="--timeout-graceful-shutdown", minimum=0.1, group=CONNECTIONS,
                                         help="on SIGTERM, seconds to finish the requests in flight (default: 60)")
 
+    collections: tuple[tuple[str, str], ...] = setting(
+        (), flag="--collection", group=SEARCH, cli_default=None,
+        help="NAME=DIR: serve the collection embed --out-dir wrote in DIR under NAME, searched by /v1/search and "
+             "clip-retrieval's /knn-service, /metadata and /indices-list (repeatable; none: no search routes)")
+
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServeOptions:
         """The options a parsed command line asks for; a value under its minimum is a UsageError."""
@@ -123,7 +129,26 @@ class ServeOptions:
             raise UsageError(f"--api-key is empty (an unset shell variable?): give a key, or set {API_KEY_ENV}")
         values["api_key"] = args.api_key or environment.get(API_KEY_ENV) or None
         values["allow_hosts"] = tuple(values["allow_hosts"] or ())
+        values["collections"] = parse_collections(values["collections"] or ())
         return cls(**{**values, **overrides})
+
+
+def parse_collections(values) -> tuple[tuple[str, str], ...]:
+    """``--collection NAME=DIR`` values as ``(name, dir)`` pairs; a value without ``=``, an empty name, a
+    repeated name or a DIR that is no directory is a UsageError (whether DIR holds a collection is checked
+    when it is opened)."""
+    pairs: dict[str, str] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        name = name.strip()
+        if not sep or not name or not directory:
+            raise UsageError(f"--collection takes NAME=DIR, got {value!r}")
+        if name in pairs:
+            raise UsageError(f"--collection {name!r} is given twice")
+        if not Path(directory).expanduser().is_dir():
+            raise UsageError(f"--collection {name}={directory}: no such directory")
+        pairs[name] = directory
+    return tuple(pairs.items())
 
 
 def served_name(model: str) -> str:

@@ -65,6 +65,13 @@ def test_the_generated_flags_are_the_hand_written_ones():
                                                                            "--max-request-pixels"]
     assert groups["connections and hosts"] == ["--allow-host", "--max-connections", "--timeout-keep-alive",
                                                "--timeout-header", "--timeout-body", "--timeout-graceful-shutdown"]
+    assert groups["search service"] == ["--collection"]
+    collection = actions["--collection"]
+    assert (collection.dest, collection.default, collection.metavar) == ("collections", None, "COLLECTION")
+    assert _parser().parse_args(["--collection", "a=x", "--collection", "b=y"]).collections == ["a=x", "b=y"]
+    assert collection.help == (
+        "NAME=DIR: serve the collection embed --out-dir wrote in DIR under NAME, searched by /v1/search and "
+        "clip-retrieval's /knn-service, /metadata and /indices-list (repeatable; none: no search routes)")
 
 
 def test_the_argparse_defaults_and_help_are_the_dataclass_fields():
@@ -149,3 +156,26 @@ def test_allow_host_repeats_and_the_connection_limits_parse():
     assert (options.max_connections, options.timeout_body_s, options.timeout_header_s) == (9, 2.5, 10.0)
     with pytest.raises(UsageError, match="--timeout-header must be at least 0.1, got 0.0"):
         ServeOptions.from_args(_parser().parse_args(["--timeout-header", "0"]))
+
+
+def test_collection_repeats_as_name_dir_pairs(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    args = _parser().parse_args(["--collection", f"one={tmp_path / 'a'}", "--collection", f"two={tmp_path / 'b'}"])
+    assert ServeOptions.from_args(args).collections == (("one", str(tmp_path / "a")), ("two", str(tmp_path / "b")))
+    assert ServeOptions.from_args(_parser().parse_args([])).collections == ()
+
+
+@pytest.mark.parametrize("values,message", [
+    (["nodir"], "--collection takes NAME=DIR, got 'nodir'"),
+    (["=DIR"], "--collection takes NAME=DIR, got '=DIR'"),
+    (["name="], "--collection takes NAME=DIR, got 'name='"),
+    (["x=MISSING"], "--collection x=MISSING: no such directory"),
+    (["x=HERE", "x=HERE"], "--collection 'x' is given twice"),
+])
+def test_bad_collections_are_one_line_usage_errors(tmp_path, values, message):
+    argv = [a for v in values for a in ("--collection", v.replace("HERE", str(tmp_path)).replace(
+        "MISSING", str(tmp_path / "missing")))]
+    with pytest.raises(UsageError) as caught:
+        ServeOptions.from_args(_parser().parse_args(argv))
+    assert str(caught.value) == message.replace("MISSING", str(tmp_path / "missing"))

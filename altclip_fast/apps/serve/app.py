@@ -26,10 +26,12 @@ import numpy as np
 from .. import zeroshot
 from .auth import BearerAuth
 from .batching import Batcher, BatchFailed, QueueFull
+from .collections import Collections
 from .connections import QuietDisconnects
 from .health import Health
 from .hosts import HostCheck
 from .images import decode_header, read_headers
+from .knn import SearchRoutes
 from .label_cache import LabelCache
 from .metrics import Metrics
 from .model import ServedModel
@@ -39,16 +41,20 @@ from .schemas import EXTRA_CONTAINERS, ApiError, ClassifyRequest, EmbeddingReque
 __all__ = ["Rows", "Routes", "counted", "create_app", "encode", "predictions", "wait_disconnect"]
 
 
-def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[[], None] | None = None):
+def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[[], None] | None = None,
+               collections: Collections | None = None):
     """The ASGI application, behind ``BearerAuth`` when ``options.api_key`` is set, else ``HostCheck``
     (``--allow-host``), and ``QuietDisconnects`` outermost. ``on_ready`` runs
-    once the batcher is up (the CLI prints its address there)."""
+    once the batcher is up (the CLI prints its address there). ``collections``: the opened
+    ``options.collections`` (opened here when not given); with any, the search routes (``knn``) answer."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
+    collections = Collections(options.collections) if collections is None else collections  # first: fail fast
     metrics = Metrics()
     rows = Rows(model, options, metrics)
     routes = Routes(rows, options, metrics)
+    search = SearchRoutes(routes, collections).routes_list() if collections else []
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -59,6 +65,7 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
             yield
         finally:
             await rows.stop()
+            collections.close()
 
     app = Starlette(routes=[
         Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
@@ -67,6 +74,7 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
         Route("/v1/models/{model_id:path}", routes.model, methods=["GET"]),
         Route("/health", routes.health_route, methods=["GET"]),
         Route("/metrics", routes.metrics_route, methods=["GET"]),
+        *search,
     ], lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.label_cache = rows.batcher, metrics, rows.labels
     # With a key, the key guards every route; without one, a foreign Host (DNS rebinding) is refused.

@@ -12,6 +12,7 @@ import sys
 
 from ...errors import UsageError
 from .app import create_app
+from .collections import Collections
 from .connections import ConnectionLimits, OutOfFilesNotice, guarded_protocol
 from .model import ServedModel
 from .options import Listen, ServeOptions
@@ -87,6 +88,7 @@ def run(args, session_factory) -> int:
     """Load the model, bind, serve until SIGTERM/SIGINT (finishing requests in flight), return 0."""
     check_serve_dependencies()
     options = ServeOptions.from_args(args)
+    collections = Collections(options.collections)  # a bad collection fails before the model loads
     import uvicorn
 
     sock = bind(Listen.from_args(args))
@@ -104,7 +106,7 @@ def run(args, session_factory) -> int:
         print(f"altclip-fast serve: {session.describe()}, listening on http://{host}:{port} ({auth})",
               file=sys.stderr, flush=True)
 
-    app = create_app(model, options, on_ready=ready)
+    app = create_app(model, options, on_ready=ready, collections=collections)
     limits = ConnectionLimits(max_connections=cap, keep_alive_s=options.timeout_keep_alive_s,
                               header_s=options.timeout_header_s, body_s=options.timeout_body_s)
     config = uvicorn.Config(app, http=guarded_protocol(limits, app.state.metrics), log_level="warning",

@@ -1,0 +1,257 @@
+"""The search routes, on the collections ``--collection`` serves (``collections``):
+
+- clip-retrieval's back-end API, so its ``ClipClient`` and web front work unchanged: ``GET /indices-list``,
+  ``POST /knn-service`` and ``POST /metadata``;
+- our own ``POST /v1/search``, in the style of ``/v1/embeddings``.
+
+A query (a text, a base64 image or an embedding) is embedded through the same preparation and dynamic
+batcher as ``/v1/embeddings`` (``Rows``), L2-normalised, then searched exactly (cosine) in the search
+thread. Errors are ``ApiError`` and have the server's JSON shape. The handlers reach the app's helpers
+(body, errors, the batcher) through the ``Routes`` object they are given, so nothing here imports ``app``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .collections import Collection, Collections, Found
+from .schemas import ApiError, choice, field
+
+__all__ = ["DEDUPLICATE_COSINE", "DEFAULT_NUM_IMAGES", "MAX_RESULTS", "KnnRequest", "SearchRequest",
+           "SearchRoutes", "deduplicate", "embedding_query"]
+
+DEFAULT_NUM_IMAGES = 40  # the front's default
+MAX_RESULTS = 10_000  # results per query, and ids per /metadata request
+DEFAULT_TOP_K = 10
+# Results whose stored embeddings are at least this similar to an earlier result's are dropped by
+# "deduplicate" (clip-retrieval's back uses the same inner-product threshold).
+DEDUPLICATE_COSINE = 0.94
+# clip-retrieval fields this server accepts and ignores: its mCLIP text model (AltCLIP is multilingual
+# already), its safety and violence classifiers and its aesthetic re-weighting (models it does not load).
+IGNORED = ("use_mclip", "use_safety_model", "use_violence_detector", "aesthetic_score", "aesthetic_weight")
+
+
+def embedding_query(value, dim: int, name: str) -> np.ndarray:
+    """A list of ``dim`` finite numbers as a float32 row, L2-normalised."""
+    if not isinstance(value, list) or not value:
+        raise ApiError(422, f"{name} must be a non-empty list of numbers", param=name)
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise ApiError(422, f"{name} must hold only numbers", param=name)
+    if len(value) != dim:
+        raise ApiError(422, f"{name} has {len(value)} numbers, the collection's embeddings {dim}", param=name)
+    row = np.asarray(value, dtype=np.float32)
+    norm = float(np.linalg.norm(row))
+    if not np.isfinite(row).all() or not np.isfinite(norm) or norm == 0:
+        raise ApiError(422, f"{name} must be finite and not all zero", param=name)
+    return row / norm
+
+
+def _count(body: dict, name: str, default: int, limit: int, clamp: bool = False) -> int:
+    value = field(body, name, int, default=default)
+    if value < 1:
+        raise ApiError(422, f"{name} must be at least 1, got {value}", param=name)
+    if value > limit and not clamp:
+        raise ApiError(422, f"{name} must be at most {limit}, got {value}", param=name)
+    return min(value, limit)
+
+
+@dataclass(frozen=True)
+class KnnRequest:
+    """``POST /knn-service``: exactly one of ``text``, ``image`` (base64) or ``embedding_input``."""
+
+    kind: str  # "text", "image" or "embedding": what the query is
+    query: object
+    modality: str  # which index: "image" or "text"
+    indice_name: str
+    num_images: int
+    num_result_ids: int
+    deduplicate: bool
+
+    @classmethod
+    def parse(cls, body: dict, default_name: str | None) -> KnnRequest:
+        if body.get("image_url") is not None:
+            raise ApiError(400, "image_url is not supported: this server never fetches URLs; send the image "
+                           "itself in base64 as image", param="image_url")
+        given = [(kind, body[key]) for kind, key in (("text", "text"), ("image", "image"),
+                                                     ("embedding", "embedding_input")) if body.get(key) is not None]
+        if len(given) != 1:
+            raise ApiError(422, "give exactly one of text, image or embedding_input", param="text")
+        kind, query = given[0]
+        if kind != "embedding":
+            query = field(body, "image" if kind == "image" else "text", str)
+        name = field(body, "indice_name", str, default=default_name)
+        if name is None:
+            raise ApiError(422, "indice_name is required (this server has several collections)", param="indice_name")
+        num_images = _count(body, "num_images", DEFAULT_NUM_IMAGES, MAX_RESULTS)
+        num_ids = _count(body, "num_result_ids", num_images, MAX_RESULTS, clamp=True)
+        for key in IGNORED:  # accepted, as clip-retrieval's client always sends them
+            field(body, key, (bool, int, float))
+        return cls(kind, query, choice(body, "modality", ("image", "text")), name, num_images,
+                   max(num_ids, num_images), bool(field(body, "deduplicate", bool, default=False)))
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """``POST /v1/search``: ``input`` (a text, a base64 image or an embedding, as ``modality`` says), the
+    ``collection``, its ``index`` to search and ``top_k``."""
+
+    kind: str
+    query: object
+    collection: str
+    index: str
+    top_k: int
+    model: str | None
+
+    @classmethod
+    def parse(cls, body: dict, default_name: str | None) -> SearchRequest:
+        kind = choice(body, "modality", ("text", "image", "embedding"))
+        query = field(body, "input", list if kind == "embedding" else str, required=True)
+        name = field(body, "collection", str, default=default_name)
+        if name is None:
+            raise ApiError(422, "collection is required (this server has several)", param="collection")
+        return cls(kind, query, name, choice(body, "index", ("image", "text")),
+                   _count(body, "top_k", DEFAULT_TOP_K, MAX_RESULTS), body.get("model"))
+
+
+def deduplicate(found: list[Found], rows: np.ndarray, threshold: float | None = None) -> list[Found]:
+    """``found`` without each result whose row is at least ``threshold`` (``DEDUPLICATE_COSINE``) similar
+    to an earlier kept one."""
+    threshold = DEDUPLICATE_COSINE if threshold is None else threshold
+    kept: list[int] = []
+    for i in range(len(found)):
+        if not kept or float((rows[kept] @ rows[i]).max()) < threshold:
+            kept.append(i)
+    return [found[i] for i in kept]
+
+
+class SearchRoutes:
+    """The search route handlers. ``routes``: the app's ``Routes`` (``body``, ``error``, ``off_loop``,
+    ``rows``, ``metrics``, ``options``)."""
+
+    def __init__(self, routes, collections: Collections):
+        self.routes, self.collections = routes, collections
+
+    def _default(self) -> str | None:
+        names = self.collections.names()
+        return names[0] if len(names) == 1 else None
+
+    def collection(self, name: str, modality: str | None, param: str) -> Collection:
+        """The collection ``name`` with a ``modality`` index (any when None), else 404 naming it."""
+        found = self.collections.get(name)
+        if found is None:
+            raise ApiError(404, f"the collection {name!r} does not exist: this server has "
+                           f"{', '.join(map(repr, self.collections.names()))}", param=param,
+                           reason="collection_not_found")
+        if modality is not None and modality not in found.indexes:
+            raise ApiError(404, f"the collection {name!r} has no {modality} index", param=param,
+                           reason="collection_not_found")
+        return found
+
+    async def query_row(self, request, kind: str, query, dim: int, param: str) -> tuple[np.ndarray, int]:
+        """The query as an L2-normalised row (and its token count), through the batcher unless it is one."""
+        if kind == "embedding":
+            return embedding_query(query, dim, param), 0
+        rows = self.routes.rows
+        payloads = await rows.prepare(kind, [query], request)
+        row = (await rows.run(request, kind, payloads))[0]
+        if row.shape[0] != dim:
+            raise ApiError(422, f"the model's embeddings have {row.shape[0]} dims, the collection's {dim}",
+                           param=param)
+        return row, (len(payloads[0]) if kind == "text" else 0)
+
+    def _json(self, route: str, body, status: int = 200):
+        from starlette.responses import JSONResponse
+
+        self.routes.metrics.request(route, status)
+        return JSONResponse(body, status_code=status)
+
+    async def indices_list(self, request):
+        return self._json("/indices-list", self.collections.names())
+
+    async def knn_service(self, request):
+        route = "/knn-service"
+        try:
+            body = await self.routes.body(request)
+            req = KnnRequest.parse(body, self._default())
+            coll = self.collection(req.indice_name, req.modality, "indice_name")
+            param = {"text": "text", "image": "image", "embedding": "embedding_input"}[req.kind]
+            row, _ = await self.query_row(request, req.kind, req.query, coll.dim, param)
+            results = await self.collections.run(self._knn, coll, req, row)
+        except ApiError as exc:
+            return self.routes.error(exc, route)
+        return self._json(route, results)
+
+    @staticmethod
+    def _knn(coll: Collection, req: KnnRequest, row: np.ndarray) -> list[dict]:
+        found = coll.search(req.modality, row[None], req.num_result_ids)[0]
+        if req.deduplicate:
+            found = deduplicate(found, coll.embeddings(req.modality, found))
+        return [{"id": f.id, "similarity": f.score, **coll.metadata(f.shard, f.row)} for f in found[:req.num_images]]
+
+    async def metadata(self, request):
+        route = "/metadata"
+        try:
+            body = await self.routes.body(request)
+            ids = field(body, "ids", list, required=True)
+            if len(ids) > MAX_RESULTS:
+                raise ApiError(413, f"ids has {len(ids)} items, over the limit of {MAX_RESULTS}", param="ids",
+                               reason="too_many_items")
+            if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+                raise ApiError(422, "ids must hold only integers (global row ids)", param="ids")
+            name = field(body, "indice_name", str, default=self._default())
+            if name is None:
+                raise ApiError(422, "indice_name is required (this server has several collections)",
+                               param="indice_name")
+            coll = self.collection(name, None, "indice_name")
+            results = await self.collections.run(self._metadata, coll, ids)
+        except ApiError as exc:
+            return self.routes.error(exc, route)
+        return self._json(route, results)
+
+    @staticmethod
+    def _metadata(coll: Collection, ids: list[int]) -> list[dict]:
+        out = []
+        for gid in ids:
+            where = coll.locate(gid)
+            out.append({"id": gid, "metadata": coll.metadata(*where) if where else {}})
+        return out
+
+    async def search(self, request):
+        route = "/v1/search"
+        try:
+            body = await self.routes.body(request)
+            req = SearchRequest.parse(body, self._default())
+            coll = self.collection(req.collection, req.index, "collection")
+            row, tokens = await self.query_row(request, req.kind, req.query, coll.dim, "input")
+            found = await self.collections.run(coll.search, req.index, row[None], req.top_k)
+            data = await self.collections.run(lambda: [
+                {"object": "search_result", "index": i, "score": f.score, "shard": f.shard, "row": f.row,
+                 "id": f.id, "metadata": coll.metadata(f.shard, f.row)} for i, f in enumerate(found[0])])
+        except ApiError as exc:
+            return self.routes.error(exc, route)
+        return self.routes.ok(route, data, req.model, tokens)
+
+    def guarded(self, route: str, handler):
+        """``handler``, answering an unexpected exception (a bug) as the server's JSON 500."""
+        async def run(request):
+            try:
+                return await handler(request)
+            except Exception as exc:
+                from starlette.requests import ClientDisconnect
+
+                if isinstance(exc, ClientDisconnect):
+                    raise
+                logging.getLogger(__name__).exception("%s failed", route)
+                return self.routes.error(ApiError(500, "internal server error", kind="server_error",
+                                                  reason="internal"), route)
+        return run
+
+    def routes_list(self) -> list:
+        from starlette.routing import Route
+
+        return [Route(path, self.guarded(path, handler), methods=[method]) for path, handler, method in (
+            ("/indices-list", self.indices_list, "GET"), ("/knn-service", self.knn_service, "POST"),
+            ("/metadata", self.metadata, "POST"), ("/v1/search", self.search, "POST"))]

@@ -29,8 +29,9 @@ DEFAULT_TOP_K = 10
 # Results whose stored embeddings are at least this similar to an earlier result's are dropped by
 # "deduplicate" (clip-retrieval's back uses the same inner-product threshold).
 DEDUPLICATE_COSINE = 0.94
-# clip-retrieval fields this server accepts and ignores: its mCLIP text model (AltCLIP is multilingual
-# already), its safety and violence classifiers and its aesthetic re-weighting (models it does not load).
+# clip-retrieval fields this server accepts, whatever their value, and ignores: its mCLIP text model
+# (AltCLIP is multilingual already), its safety and violence classifiers and its aesthetic re-weighting
+# (models it does not load). Documentation only: nothing reads them.
 IGNORED = ("use_mclip", "use_safety_model", "use_violence_detector", "aesthetic_score", "aesthetic_weight")
 
 
@@ -72,23 +73,25 @@ class KnnRequest:
 
     @classmethod
     def parse(cls, body: dict, default_name: str | None) -> KnnRequest:
-        if body.get("image_url") is not None:
+        """The query as clip-retrieval's back picks it: a non-empty ``text`` first, then ``image``, then
+        ``image_url`` (refused: this server never fetches), then ``embedding_input`` (its front sends the
+        fields it does not use as null or "")."""
+        if field(body, "text", str):
+            kind, query = "text", body["text"]
+        elif field(body, "image", str):
+            kind, query = "image", body["image"]
+        elif body.get("image_url"):
             raise ApiError(400, "image_url is not supported: this server never fetches URLs; send the image "
                            "itself in base64 as image", param="image_url")
-        given = [(kind, body[key]) for kind, key in (("text", "text"), ("image", "image"),
-                                                     ("embedding", "embedding_input")) if body.get(key) is not None]
-        if len(given) != 1:
-            raise ApiError(422, "give exactly one of text, image or embedding_input", param="text")
-        kind, query = given[0]
-        if kind != "embedding":
-            query = field(body, "image" if kind == "image" else "text", str)
+        elif body.get("embedding_input") is not None:
+            kind, query = "embedding", body["embedding_input"]
+        else:
+            raise ApiError(422, "give one of text, image or embedding_input", param="text")
         name = field(body, "indice_name", str, default=default_name)
         if name is None:
             raise ApiError(422, "indice_name is required (this server has several collections)", param="indice_name")
         num_images = _count(body, "num_images", DEFAULT_NUM_IMAGES, MAX_RESULTS)
         num_ids = _count(body, "num_result_ids", num_images, MAX_RESULTS, clamp=True)
-        for key in IGNORED:  # accepted, as clip-retrieval's client always sends them
-            field(body, key, (bool, int, float))
         return cls(kind, query, choice(body, "modality", ("image", "text")), name, num_images,
                    max(num_ids, num_images), bool(field(body, "deduplicate", bool, default=False)))
 
@@ -117,14 +120,24 @@ class SearchRequest:
 
 
 def deduplicate(found: list[Found], rows: np.ndarray, threshold: float | None = None) -> list[Found]:
-    """``found`` without each result whose row is at least ``threshold`` (``DEDUPLICATE_COSINE``) similar
-    to an earlier kept one."""
+    """``found`` less its near-duplicates, as clip-retrieval's back removes them: results are linked when
+    their rows' cosine is at least ``threshold`` (``DEDUPLICATE_COSINE``), and of each connected group
+    (links chain: a, b and c are one group when a~b and b~c) only the best result stays."""
     threshold = DEDUPLICATE_COSINE if threshold is None else threshold
-    kept: list[int] = []
-    for i in range(len(found)):
-        if not kept or float((rows[kept] @ rows[i]).max()) < threshold:
-            kept.append(i)
-    return [found[i] for i in kept]
+    n = len(found)
+    if n < 2:
+        return list(found)
+    linked = (rows @ rows.T) >= threshold
+    np.fill_diagonal(linked, True)
+    # Each result takes the smallest position in its group: spread the minimum along the links until
+    # nothing changes (at most the group's diameter rounds).
+    group = np.arange(n)
+    while True:
+        spread = np.where(linked, group[None, :], n).min(axis=1)
+        if (spread == group).all():
+            break
+        group = spread
+    return [f for i, f in enumerate(found) if group[i] == i]
 
 
 class SearchRoutes:

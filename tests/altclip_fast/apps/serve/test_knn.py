@@ -82,8 +82,10 @@ def test_knn_service_image_and_embedding_queries(knn_client, collection, direct)
     index = Index(collection, "text")
     hits = index.hits(direct["image"](raw), 4)
     with knn_client() as client:
-        by_image = client.post("/knn-service", json={**CLIENT_FIELDS, "image": b64(raw), "modality": "text",
-                                                     "num_images": 4}).json()
+        # as the web front sends an image query: the unused fields empty or null, the ignored ones as strings
+        by_image = client.post("/knn-service", json={
+            **CLIENT_FIELDS, "text": "", "image": b64(raw), "image_url": None, "modality": "text", "num_images": 4,
+            "aesthetic_score": "", "aesthetic_weight": ""}).json()
         query = (direct["image"](raw) * 3.0).tolist()  # the server normalises it
         by_embedding = client.post("/knn-service", json={**CLIENT_FIELDS, "embedding_input": query,
                                                          "modality": "text", "num_images": 4}).json()
@@ -92,13 +94,20 @@ def test_knn_service_image_and_embedding_queries(knn_client, collection, direct)
         np.testing.assert_allclose([r["similarity"] for r in got], [h.score for h in hits], atol=1e-5)
 
 
-def test_deduplicate_drops_results_near_an_earlier_one():
-    rows = np.array([[1.0, 0.0], [0.95, 0.312], [0.0, 1.0], [0.93, 0.367]])
-    rows /= np.linalg.norm(rows, axis=1, keepdims=True)  # cosines with row 0: 0.95, 0, 0.93
-    found = [Found(1.0 - i / 10, 0, i, i) for i in range(4)]
-    assert [f.id for f in deduplicate(found, rows)] == [0, 2, 3]  # 0.94: clip-retrieval's threshold
-    assert [f.id for f in deduplicate(found, rows, threshold=0.9)] == [0, 2]
-    assert deduplicate([], np.zeros((0, 2))) == []
+def _unit(degrees):
+    return np.array([[np.cos(np.radians(d)), np.sin(np.radians(d))] for d in degrees])
+
+
+def test_deduplicate_keeps_the_best_of_each_linked_group():
+    found = [Found(1.0 - i / 10, 0, i, i) for i in range(5)]
+    # cos(15 deg) = 0.966 links; cos(25 deg) = 0.906 does not (clip-retrieval's threshold: 0.94)
+    assert [f.id for f in deduplicate(found, _unit([0, 15, 90, 40, 180]))] == [0, 2, 3, 4]
+    # links chain, as clip-retrieval's connected components do: 30 is linked to 15 only, 15 to 0
+    assert [f.id for f in deduplicate(found, _unit([0, 15, 90, 30, 180]))] == [0, 2, 4]
+    # a chain seen from its far end first: 45 ~ 30 ~ 15 ~ 0 is one group, the best (45) stays
+    assert [f.id for f in deduplicate(found[:4], _unit([45, 0, 15, 30]))] == [0]
+    assert [f.id for f in deduplicate(found, _unit([0, 15, 90, 40, 180]), threshold=0.7)] == [0, 2, 4]
+    assert deduplicate([], np.zeros((0, 2))) == [] and deduplicate(found[:1], _unit([0])) == found[:1]
 
 
 def test_deduplicate_drops_the_repeated_image(knn_client, direct, monkeypatch):
@@ -171,7 +180,8 @@ def test_refusals_have_the_servers_error_shape(knn_client):
             assert reply.status_code == 404, path
             assert "'nope'" in reply.json()["error"]["message"] and reply.json()["error"]["param"] == param
         bad = [("/knn-service", {**CLIENT_FIELDS}, 422),  # no query
-               ("/knn-service", {**CLIENT_FIELDS, "text": "x", "image": "y"}, 422),
+               ("/knn-service", {**CLIENT_FIELDS, "text": "", "image": None, "image_url": None}, 422),
+               ("/knn-service", {**CLIENT_FIELDS, "text": 3}, 422),
                ("/knn-service", {**CLIENT_FIELDS, "embedding_input": [1.0, 2.0]}, 422),  # wrong dims
                ("/knn-service", {**CLIENT_FIELDS, "text": "x", "num_images": 0}, 422),
                ("/knn-service", {**CLIENT_FIELDS, "text": "x", "modality": "audio"}, 422),

@@ -29,6 +29,7 @@ DEFAULT_TOP_K = 10
 # Results whose stored embeddings are at least this similar to an earlier result's are dropped by
 # "deduplicate" (clip-retrieval's back uses the same inner-product threshold).
 DEDUPLICATE_COSINE = 0.94
+_DEDUP_BLOCK = 256
 # clip-retrieval fields this server accepts, whatever their value, and ignores: its mCLIP text model
 # (AltCLIP is multilingual already), its safety and violence classifiers and its aesthetic re-weighting
 # (models it does not load). Documentation only: nothing reads them.
@@ -127,13 +128,16 @@ def deduplicate(found: list[Found], rows: np.ndarray, threshold: float | None = 
     n = len(found)
     if n < 2:
         return list(found)
-    linked = (rows @ rows.T) >= threshold
+    # In blocks of rows, so that memory stays at n*n booleans (10000 results: 100 MB) plus a block.
+    blocks = range(0, n, _DEDUP_BLOCK)
+    linked = np.concatenate([(rows[b:b + _DEDUP_BLOCK] @ rows.T) >= threshold for b in blocks])
     np.fill_diagonal(linked, True)
     # Each result takes the smallest position in its group: spread the minimum along the links until
     # nothing changes (at most the group's diameter rounds).
     group = np.arange(n)
     while True:
-        spread = np.where(linked, group[None, :], n).min(axis=1)
+        spread = np.concatenate([np.where(linked[b:b + _DEDUP_BLOCK], group[None, :], n).min(axis=1)
+                                 for b in blocks])
         if (spread == group).all():
             break
         group = spread

@@ -14,6 +14,9 @@ One job per module:
   ``/health``'s probe, the bearer-key middleware.
 - ``hosts``: the Host check without a key (DNS rebinding); ``connections``: uvicorn's protocol with
   idle, header and body timeouts and a connection cap, and quiet client disconnects.
+- ``collections``: the ``--collection`` folders opened for search (``search.Index``), global row ids;
+  ``knn``: the search routes (clip-retrieval's ``/knn-service``, ``/metadata``, ``/indices-list`` and
+  ``/v1/search``); ``search_batching``: concurrent searches of an index gathered into one product.
 - ``app``: ``create_app`` and the routes; ``server``: ``run`` (bind, load, probe, uvicorn, signals).
 
 Zero-shot classification is ``altclip_fast.apps.zeroshot``, shared with the CLI's ``classify``. The web

@@ -6,7 +6,8 @@
 
 A query (a text, a base64 image or an embedding) is embedded through the same preparation and dynamic
 batcher as ``/v1/embeddings`` (``Rows``), L2-normalised, then searched exactly (cosine) in the search
-thread. Errors are ``ApiError`` and have the server's JSON shape. The handlers reach the app's helpers
+thread, together with the other queries for the same index that arrive within a few ms
+(``search_batching``). Errors are ``ApiError`` and have the server's JSON shape. The handlers reach the app's helpers
 (body, errors, the batcher) through the ``Routes`` object they are given, so nothing here imports ``app``.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from .collections import Collection, Collections, Found
 from .schemas import ApiError, choice, field
+from .search_batching import SearchBatcher
 
 __all__ = ["DEDUPLICATE_COSINE", "DEFAULT_NUM_IMAGES", "MAX_RESULTS", "KnnRequest", "SearchRequest",
            "SearchRoutes", "deduplicate", "embedding_query"]
@@ -150,6 +152,7 @@ class SearchRoutes:
 
     def __init__(self, routes, collections: Collections):
         self.routes, self.collections = routes, collections
+        self.batcher = SearchBatcher(collections.run)
 
     def _default(self) -> str | None:
         names = self.collections.names()
@@ -196,14 +199,14 @@ class SearchRoutes:
             coll = self.collection(req.indice_name, req.modality, "indice_name")
             param = {"text": "text", "image": "image", "embedding": "embedding_input"}[req.kind]
             row, _ = await self.query_row(request, req.kind, req.query, coll.dim, param)
-            results = await self.collections.run(self._knn, coll, req, row)
+            found = await self.batcher.search(coll, req.modality, row, req.num_result_ids)
+            results = await self.collections.run(self._knn, coll, req, found)
         except ApiError as exc:
             return self.routes.error(exc, route)
         return self._json(route, results)
 
     @staticmethod
-    def _knn(coll: Collection, req: KnnRequest, row: np.ndarray) -> list[dict]:
-        found = coll.search(req.modality, row[None], req.num_result_ids)[0]
+    def _knn(coll: Collection, req: KnnRequest, found: list[Found]) -> list[dict]:
         if req.deduplicate:
             found = deduplicate(found, coll.embeddings(req.modality, found))
         return [{"id": f.id, "similarity": f.score, **coll.metadata(f.shard, f.row)} for f in found[:req.num_images]]
@@ -243,10 +246,10 @@ class SearchRoutes:
             req = SearchRequest.parse(body, self._default())
             coll = self.collection(req.collection, req.index, "collection")
             row, tokens = await self.query_row(request, req.kind, req.query, coll.dim, "input")
-            found = await self.collections.run(coll.search, req.index, row[None], req.top_k)
+            found = await self.batcher.search(coll, req.index, row, req.top_k)
             data = await self.collections.run(lambda: [
                 {"object": "search_result", "index": i, "score": f.score, "shard": f.shard, "row": f.row,
-                 "id": f.id, "metadata": coll.metadata(f.shard, f.row)} for i, f in enumerate(found[0])])
+                 "id": f.id, "metadata": coll.metadata(f.shard, f.row)} for i, f in enumerate(found)])
         except ApiError as exc:
             return self.routes.error(exc, route)
         return self.routes.ok(route, data, req.model, tokens)

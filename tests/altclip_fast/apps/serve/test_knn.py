@@ -209,3 +209,24 @@ def test_a_directory_that_is_no_collection_is_a_usage_error(tmp_path):
     (tmp_path / "metadata").mkdir()
     with pytest.raises(UsageError, match=r"^--collection bad=.*no img_emb or text_emb shards"):
         create_app(None, ServeOptions(collections=(("bad", str(tmp_path)),)))
+
+
+def test_requests_are_counted_and_a_bug_is_a_json_500(knn_client, monkeypatch):
+    from altclip_fast.apps.serve.collections import Collection
+
+    with knn_client() as client:
+        assert client.post("/v1/search", json={"input": "x", "collection": "nope"}).status_code == 404
+        assert client.get("/indices-list").status_code == 200
+
+        def broken(self, shard, row):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(Collection, "metadata", broken)
+        reply = client.post("/v1/search", json={"input": "x"})
+        assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+        metrics = client.get("/metrics").text
+    for line in ('altclip_requests_total{route="/v1/search",status="404"} 1.0',
+                 'altclip_requests_total{route="/indices-list",status="200"} 1.0',
+                 'altclip_requests_total{route="/v1/search",status="500"} 1.0',
+                 'altclip_failures_total{reason="collection_not_found"} 1.0'):
+        assert line in metrics, line

@@ -15,7 +15,7 @@ from altclip_fast.apps.serve import ServeOptions, create_app, knn
 from altclip_fast.apps.serve.collections import Found
 from altclip_fast.apps.serve.knn import deduplicate
 from altclip_fast.errors import UsageError
-from tests.altclip_fast.apps.cli_helpers import cli_main
+from tests.altclip_fast.apps.cli_helpers import cli_main, error_line
 from tests.altclip_fast.apps.serve.helpers import AUTH, KEY, b64, png
 
 CAPTIONS = ["a red house", "ein blauer Himmel", "un chat noir", "一只狗", "a green field", "la mer", "a red house"]
@@ -230,3 +230,11 @@ def test_requests_are_counted_and_a_bug_is_a_json_500(knn_client, monkeypatch):
                  'altclip_requests_total{route="/v1/search",status="500"} 1.0',
                  'altclip_failures_total{reason="collection_not_found"} 1.0'):
         assert line in metrics, line
+
+
+def test_serve_refuses_a_bad_collection_in_one_line_before_loading_the_model(tmp_path, capsys):
+    for value, message in (("nodir", "--collection takes NAME=DIR, got 'nodir'"),
+                           (f"a={tmp_path}", f"--collection a={tmp_path}: not an embed --out-dir collection")):
+        # the model does not exist: the collection is checked first
+        assert cli_main("serve", "--model", tmp_path / "no-model", "--collection", value, cwd=tmp_path) == 2
+        assert error_line(capsys).startswith(f"altclip-fast: error: {message}")

@@ -17,12 +17,15 @@ from .connections import ConnectionLimits, OutOfFilesNotice, guarded_protocol
 from .model import ServedModel
 from .options import Listen, ServeOptions
 
-__all__ = ["FILES_SPARE", "INSTALL_HINT", "SERVE_MODULES", "bind", "check_serve_dependencies", "connection_cap",
-           "run"]
+__all__ = ["ACCEPT_BACKLOG", "FILES_SPARE", "INSTALL_HINT", "SERVE_MODULES", "bind", "check_serve_dependencies",
+           "connection_cap", "run"]
 
 SERVE_MODULES = ("starlette", "uvicorn", "prometheus_client")
 INSTALL_HINT = "pip install 'altclip-fast[serve]'"
 FILES_SPARE = 64  # open files kept, beyond those open at start, for logs, threads, health probes: not connections
+# The listen backlog, and so how many connections asyncio accepts in one go before any of them is answered
+# (a 503 past the cap holds its file until it is sent): the cap leaves room for one such burst.
+ACCEPT_BACKLOG = 128
 
 
 def check_serve_dependencies() -> None:
@@ -61,15 +64,15 @@ def bind(listen: Listen) -> socket.socket:
 def connection_cap(wanted: int, in_use: int | None = None) -> tuple[int, str | None]:
     """``--max-connections`` within the open-file limit, so that the cap answers 503 before accept()
     runs out of files: the soft limit is raised toward the hard one if needed, and the cap lowered to
-    leave the files open now (``in_use``: counted, after the model loaded) and ``FILES_SPARE`` more for
-    everything else (a note says so)."""
+    leave the files open now (``in_use``: counted, after the model loaded), ``FILES_SPARE`` more for
+    everything else and ``ACCEPT_BACKLOG`` for a burst of connections accepted at once (a note says so)."""
     try:
         import resource
     except ImportError:  # not POSIX
         return wanted, None
     if in_use is None:
         in_use = len(os.listdir("/dev/fd")) if os.path.isdir("/dev/fd") else 0
-    reserved = in_use + FILES_SPARE
+    reserved = in_use + FILES_SPARE + ACCEPT_BACKLOG
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = wanted + reserved
     if soft != resource.RLIM_INFINITY and soft < need:
@@ -110,7 +113,8 @@ def run(args, session_factory) -> int:
     limits = ConnectionLimits(max_connections=cap, keep_alive_s=options.timeout_keep_alive_s,
                               header_s=options.timeout_header_s, body_s=options.timeout_body_s)
     config = uvicorn.Config(app, http=guarded_protocol(limits, app.state.metrics), log_level="warning",
-                            access_log=False, timeout_keep_alive=options.timeout_keep_alive_s,
+                            access_log=False, backlog=ACCEPT_BACKLOG,
+                            timeout_keep_alive=options.timeout_keep_alive_s,
                             timeout_graceful_shutdown=options.timeout_shutdown_s, lifespan="on")
     # uvicorn stops gracefully on SIGTERM/SIGINT (no new connections, requests in flight finished),
     # then raises the signal again under the handlers it found. These handlers make that a clean

@@ -271,6 +271,8 @@ def gemm_ceiling(rows: int, threads: int, names: list[str]) -> dict:
     runners = {"torch bf16 F.linear": (lambda x=x32.bfloat16(), w=w32.bfloat16(): torch.nn.functional.linear(x, w)),
                "torch fp32 F.linear": lambda: torch.nn.functional.linear(x32, w32)}
     if torch.backends.mkldnn.is_available():
+        import torch.utils.mkldnn
+
         linear = torch.nn.Linear(k, n, bias=False)
         linear.weight.data = w32
         packed = torch.utils.mkldnn.to_mkldnn(linear)  # oneDNN's fp32 GEMM on a pre-packed weight
@@ -360,11 +362,13 @@ def main(argv=None) -> int:
                **{engine: round(measured[engine]["per_s"], 3) for engine in engines}}
         results["workloads"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+    if args.json:  # written before the GEMMs too, so that a failure there keeps the table
+        Path(args.json).write_text(json.dumps(results, indent=1))
     if args.gemm:
         results["gemm_gflops"] = gemm_ceiling(8 * (vc.image_size // vc.patch_size) ** 2 + 8, threads, names)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
     print_table(results, names)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

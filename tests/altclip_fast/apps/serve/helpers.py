@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import struct
@@ -50,3 +51,27 @@ def counter(metrics: str, name: str) -> float:
     values = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + " ")]
     assert len(values) == 1, (name, metrics)
     return values[0]
+
+
+async def post_then_leave(app, body: bytes, leave_after_s: float) -> list[dict]:
+    """One ASGI POST /v1/embeddings whose client disconnects ``leave_after_s`` after the app first waits
+    for a message past the body; the messages the app sent."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(leave_after_s)
+        return {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent

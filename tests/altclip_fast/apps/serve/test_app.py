@@ -7,7 +7,6 @@ lines, a socket, signals, a missing extra) is in ``test_server.py``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -20,7 +19,7 @@ for _name in ("transformers", "starlette", "prometheus_client", "httpx"):
     pytest.importorskip(_name)
 
 from tests.altclip_fast.apps.serve.helpers import (  # noqa: E402
-    AUTH, KEY, TEXTS, b64, counter, data_uri, embed, huge_png_header, png, truncated_jpeg,
+    AUTH, KEY, TEXTS, b64, counter, data_uri, embed, huge_png_header, png, post_then_leave, truncated_jpeg,
 )
 
 LIMITS = dict(max_batch_tokens=64, max_batch_images=4, max_wait_ms=20, max_request_bytes=300000,
@@ -283,36 +282,13 @@ def test_a_burst_gets_429_with_retry_after_and_nothing_breaks(slow_client, direc
     assert_good_request(client, direct)
 
 
-async def _post_then_leave(app, body: bytes, leave_after_s: float) -> list[dict]:
-    """One ASGI request whose client disconnects ``leave_after_s`` after sending its body; what the app sent."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        if messages:
-            return messages.pop()
-        await asyncio.sleep(leave_after_s)
-        return {"type": "http.disconnect"}
-
-    sent = []
-
-    async def send(message):
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
-
-
 def test_a_client_that_leaves_is_dropped_from_its_batch(slow_client):
     client = slow_client
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(embed, client, ["hold the model"])
         time.sleep(0.1)
         body = json.dumps({"input": ["leaving"]}).encode()
-        sent = client.portal.call(_post_then_leave, client.app, body, 0.15)
+        sent = client.portal.call(post_then_leave, client.app, body, 0.15)
         assert sent[0]["status"] == 499
         assert busy.result(30).status_code == 200
     deadline = time.monotonic() + 10

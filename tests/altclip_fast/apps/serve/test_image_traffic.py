@@ -5,7 +5,6 @@ runs on each decoded image) slowed down and recorded."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import threading
@@ -18,7 +17,7 @@ import pytest
 for _name in ("transformers", "starlette", "prometheus_client", "httpx"):
     pytest.importorskip(_name)
 
-from tests.altclip_fast.apps.serve.helpers import b64, embed, png  # noqa: E402
+from tests.altclip_fast.apps.serve.helpers import b64, embed, png, post_then_leave  # noqa: E402
 
 
 class Watched:
@@ -44,30 +43,6 @@ def watched_client(app_client, delay_s: float, **options):
         client.watched = Watched(client.served.prepare_image, delay_s)
         client.served.prepare_image = client.watched
         yield client
-
-
-async def post_then_leave(app, body: bytes, leave_after_s: float) -> list[dict]:
-    """One ASGI POST /v1/embeddings whose client disconnects ``leave_after_s`` after the app first
-    waits for a message past the body; what the app sent."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 50001), "server": ("testserver", 80)}
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        if messages:
-            return messages.pop()
-        await asyncio.sleep(leave_after_s)
-        return {"type": "http.disconnect"}
-
-    sent: list[dict] = []
-
-    async def send(message):
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
 
 
 def test_a_request_over_the_pixel_budget_is_413_before_any_image_is_decoded(app_client, direct):

@@ -60,6 +60,10 @@ class Listing:
     texts: list[str] | None = None  # --with-text: the caption per image, row-aligned
     tars: list[str] = field(default_factory=list)  # webdataset: the tars as named
     spec: str = ""  # INPUT as given
+    # The absolute folder the images were listed under (None for captions). ``image_path`` is absolute,
+    # so a reader in any working directory finds the file; the server opens a row's image only when
+    # its real path lies below this folder's real path (thumbnails).
+    root: str | None = None
 
     def changed_since(self, files: list[str], stats: list[list[int]]) -> list[int]:
         """The inputs whose file is not in ``files`` at the same size and mtime."""
@@ -74,8 +78,9 @@ class Listing:
         as the listing's own skipped rows do), any other input by its path or caption."""
         if self.source == "webdataset":
             return self.tars[self.items[i][0]]
-        row = self.rows[i]
-        return row.get("image_path", row.get("caption"))
+        if self.source == "files":
+            return self.items[i]  # as named, like the listing's own skipped paths
+        return self.rows[i]["caption"]
 
 
 def _has_glob(text: str) -> bool:
@@ -187,7 +192,7 @@ def _image_listing(found: list[tuple[str, bool, os.stat_result]], skipped: list[
             listing.skipped.append({"path": other, "reason": f"same file as {path}", "category": "duplicate"})
     for i, (path, st) in enumerate(sorted(chosen)):
         listing.items.append(path)
-        listing.rows.append({"image_path": path, "key": f"{i:09d}"})
+        listing.rows.append({"image_path": os.path.abspath(path), "key": f"{i:09d}"})
         listing.identity.append(os.path.realpath(path))
         listing.stats.append([st.st_size, st.st_mtime_ns])
     listing.files = listing.identity
@@ -248,12 +253,13 @@ def with_captions(images: Listing) -> Listing:
             listing.skipped.append({"path": path, "reason": reason, "category": "no caption"})
             continue
         listing.items.append(path)
-        listing.rows.append({"image_path": path, "key": f"{len(listing.rows):09d}", "caption": caption})
+        listing.rows.append({"image_path": os.path.abspath(path), "key": f"{len(listing.rows):09d}", "caption": caption})
         listing.identity.append(os.path.realpath(path))
         listing.stats.append([*st, *caption_st])
         listing.texts.append(caption)
     listing.files = listing.identity
     listing.skipped.sort(key=lambda s: s["path"])
+    listing.root = images.root
     return listing
 
 
@@ -265,6 +271,7 @@ def find_inputs(spec: str) -> Listing:
         listing = _image_listing(*_scan_images(root, pats))
         if not listing.items:
             raise UsageError(f"{spec}: no image files match this pattern")
+        listing.root = os.path.abspath(root or ".")
         return listing
     if not path.exists():
         raise UsageError(f"{spec}: no such file or directory")
@@ -274,9 +281,12 @@ def find_inputs(spec: str) -> Listing:
             raise UsageError(
                 f"{spec}: no images found in this folder or below (looked for {', '.join(IMAGE_EXTENSIONS)})"
             )
+        listing.root = os.path.abspath(path)
         return listing
     if is_image_name(path.name):
-        return _image_listing([(str(path), False, path.stat())], [])
+        listing = _image_listing([(str(path), False, path.stat())], [])
+        listing.root = os.path.dirname(os.path.abspath(path))
+        return listing
     return _caption_listing(spec, path)
 
 
@@ -377,7 +387,8 @@ def _json_fields(raw: bytes | None) -> dict:
 
 
 def list_webdataset(tars: list[str], with_text: bool) -> Listing:
-    listing = Listing("image", "webdataset", [], [], [], texts=[] if with_text else None, tars=tars, file_of=[])
+    listing = Listing("image", "webdataset", [], [], [], texts=[] if with_text else None, tars=tars, file_of=[],
+                      root=os.path.commonpath([os.path.dirname(os.path.abspath(t)) for t in tars]))
     no_image = f"no image member ({', '.join(MEMBER_EXTENSIONS)})"
     for t, tar in enumerate(tars):
         st = os.stat(tar)
@@ -394,7 +405,7 @@ def list_webdataset(tars: list[str], with_text: bool) -> Listing:
             if with_text and caption is None:
                 listing.skipped.append({"path": tar, "key": key, "reason": "no txt caption (--with-text)"})
                 continue
-            row = {"image_path": f"{tar}/{key}.{ext}", "key": key}
+            row = {"image_path": f"{os.path.abspath(tar)}/{key}.{ext}", "key": key}
             if caption is not None:
                 row["caption"] = caption
             row.update(_json_fields(sample.get("json")))

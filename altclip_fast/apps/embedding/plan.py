@@ -30,15 +30,19 @@ from ...errors import UsageError
 from . import files
 from .inputs import Listing
 
-PLAN_VERSION = 3
+# 4: image_path is absolute and the plan records input_root. A version-3 run's saved parts hold paths
+# as typed, which a resumed run would mix with absolute ones in one shard, so it is refused as older.
+PLAN_VERSION = 4
 _IDENTITY = ("listing_sha256", "count")  # compared as the listing, not as settings
+# Recorded, not compared: the same files named through another path (a linked folder) resume fine.
+_RECORDED = ("input_root",)
 
 
 def make_plan(listing: Listing, writer: str, settings: dict) -> dict:
     """``writer``: "file" or "shards"; ``settings``: everything else a resumed run must share."""
     digest = hashlib.sha256("\n".join(listing.identity).encode("utf-8", "surrogateescape")).hexdigest()
     return {"version": PLAN_VERSION, "writer": writer, "modality": listing.modality, "source": listing.source,
-            "count": len(listing.items), "listing_sha256": digest, **settings}
+            "count": len(listing.items), "listing_sha256": digest, "input_root": listing.root, **settings}
 
 
 def _read(path: Path):
@@ -104,7 +108,7 @@ def resume_state(state: Path, plan: dict, listing: Listing, *, resume: bool, ove
 
 def _mismatch(state: Path, old: dict, plan: dict, listing: Listing) -> str | None:
     """Why the saved run cannot be continued by this one, in words; None if it can."""
-    differ = [k for k in plan if k not in _IDENTITY and old.get(k) != plan[k]]
+    differ = [k for k in plan if k not in _IDENTITY + _RECORDED and old.get(k) != plan[k]]
     if differ:
         details = ", ".join(f"{k}: {old.get(k)!r} then, {plan[k]!r} now" for k in differ)
         return f"it computed something else ({details}); rerun with its options or pass --overwrite to start over"

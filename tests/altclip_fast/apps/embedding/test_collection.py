@@ -4,6 +4,7 @@ random checkpoint. The SIGKILL test needs a process of its own; the rest run in 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,11 @@ def test_sharded_layout_schema_and_rows_match_single_file_embed(work, folder_run
     schema = pq.read_schema(out / "metadata" / "metadata_0.parquet")
     assert schema.names == ["image_path", "key"] and all(t == pa.string() for t in schema.types)
     meta = metadata(out)
-    assert [m["image_path"] for m in meta] == ["photos/img0.png", "photos/img1.png", "photos/img2.png",
-                                               "photos/sub/img3.png", "photos/sub/img4.png", "photos/sub/img5.png"]
+    # Typed relative to the working directory, stored absolute; the input folder is recorded once.
+    photos = os.path.join(os.path.realpath(work), "photos")
+    assert [m["image_path"] for m in meta] == [os.path.join(photos, n) for n in (
+        "img0.png", "img1.png", "img2.png", "sub/img3.png", "sub/img4.png", "sub/img5.png")]
+    assert json.loads((out / ".altclip-fast" / "plan.json").read_text())["input_root"] == photos
     skipped = pq.read_table(out / "skipped.parquet")
     assert skipped.schema.names == ["path", "key", "reason"]
     assert skipped.column("path").to_pylist() == ["photos/sub/broken.jpg"]
@@ -65,7 +69,11 @@ def test_resume_after_sigkill_recomputes_only_missing_shards(work, folder_run):
     assert cli_main(*cmd, cwd=work) == 2  # not without --resume
     changed = cli_main(*cmd, "--emb-dtype", "float32", "--resume", cwd=work)
     assert changed == 2  # the settings changed: refused
-    proc = run_cli(*cmd, "--resume", cwd=work)
+    # Resumed from another working directory, the input named another way: the same files, the same rows.
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("embed", "../photos", "--out-dir", "../killed", "--shard-size", 3, "--model", "../model", *CPU[2:],
+                   "--resume", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
     assert "1 shards reused, 2 computed" in proc.stdout
     for a, b in zip(shards(out), shards(folder_run)):
@@ -158,7 +166,7 @@ def test_search_self_retrieval(work, folder_run, capsys):
     assert cli_main("search", "out", "--image", "photos/sub/img4.png", "--top-k", 3, "--json",
                 "--device", "cpu", "--dtype", "fp32", cwd=work) == 0
     hits = json.loads(capsys.readouterr().out)
-    assert len(hits) == 3 and hits[0]["image_path"] == "photos/sub/img4.png"
+    assert len(hits) == 3 and hits[0]["image_path"] == os.path.join(os.path.realpath(work), "photos/sub/img4.png")
     assert hits[0]["shard"] == 1 and hits[0]["row"] == 1 and hits[0]["score"] > 0.999
     assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     # Index, chunked smaller than a shard: the same ranking as a dense product.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ def test_image_files_with_captions_beside_them_embed_row_aligned(work):
     out = work / "ftxt"
     meta = metadata(out)
     embedded = ["img0.png", "img3.png", "sub/img1.jpg"]  # listed: broken, img0 | img3, sub/img1
-    assert [m["image_path"] for m in meta] == [f"captioned/{n}" for n in embedded]
+    # absolute (the input was relative to the working directory): readable from anywhere
+    assert [m["image_path"] for m in meta] == [os.path.join(os.path.realpath(work), "captioned", n) for n in embedded]
     assert [m["caption"] for m in meta] == [CAPTIONED[n] for n in embedded]
     assert [len(s) for s in shards(out, "img")] == [len(s) for s in shards(out, "text")] == _rows_per_shard(out) == [1, 2]
     skipped = {Path(s["path"]).name: s["reason"] for s in pq.read_table(out / "skipped.parquet").to_pylist()}

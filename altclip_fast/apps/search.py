@@ -175,9 +175,11 @@ class _Scan:
         self.best_scores, self.best_ids = top.values, ids.gather(1, top.indices)
 
 
-def _plan(root: Path) -> dict:
+def read_plan(root: str | Path) -> dict:
+    """The collection's recorded plan (``{}`` when absent or unreadable): its model, and since plan
+    version 4 ``input_root``, the absolute folder its images were listed under."""
     try:
-        return json.loads((root / STATE / "plan.json").read_text(encoding="utf-8"))
+        return json.loads((Path(root) / STATE / "plan.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
@@ -196,7 +198,7 @@ def cmd_search(args, make_session, default_model: str | None = None) -> int:
         raise UsageError(f"{args.image}: no such file")
     index = Index(root, None if args.kind is None else {"img": "image", "text": "text"}[args.kind])
     if args.model in (None, default_model):
-        args.model = _plan(root).get("model") or args.model
+        args.model = read_plan(root).get("model") or args.model
     import torch
 
     session = make_session(args)

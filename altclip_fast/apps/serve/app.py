@@ -38,13 +38,14 @@ from .model import ServedModel
 from .options import ServeOptions
 from .schemas import EXTRA_CONTAINERS, ApiError, ClassifyRequest, EmbeddingRequest, error_body, parse_body, read_body
 
-__all__ = ["Rows", "Routes", "counted", "create_app", "encode", "predictions", "wait_disconnect"]
+__all__ = ["Rows", "Routes", "counted", "create_app", "encode", "predictions", "wait_disconnect", "with_cors"]
 
 
 def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[[], None] | None = None,
                collections: Collections | None = None):
     """The ASGI application, behind ``BearerAuth`` when ``options.api_key`` is set, else ``HostCheck``
-    (``--allow-host``), and ``QuietDisconnects`` outermost. ``on_ready`` runs
+    (``--allow-host``), then CORS headers when ``--cors-allow-origin`` is given, and ``QuietDisconnects``
+    outermost. ``on_ready`` runs
     once the batcher is up (the CLI prints its address there). ``collections``: the opened
     ``options.collections`` (opened here when not given); with any, the search routes (``knn``) answer."""
     from starlette.applications import Starlette
@@ -54,7 +55,7 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
     metrics = Metrics()
     rows = Rows(model, options, metrics)
     routes = Routes(rows, options, metrics)
-    search = SearchRoutes(routes, collections).routes_list() if collections else []
+    search = SearchRoutes(routes, collections) if collections else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -65,6 +66,8 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
             yield
         finally:
             await rows.stop()
+            if search is not None:
+                search.close()
             collections.close()
 
     app = Starlette(routes=[
@@ -74,13 +77,27 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
         Route("/v1/models/{model_id:path}", routes.model, methods=["GET"]),
         Route("/health", routes.health_route, methods=["GET"]),
         Route("/metrics", routes.metrics_route, methods=["GET"]),
-        *search,
+        *(search.routes_list() if search is not None else []),
     ], lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.label_cache = rows.batcher, metrics, rows.labels
     # With a key, the key guards every route; without one, a foreign Host (DNS rebinding) is refused.
     guarded = BearerAuth(app, options.api_key, metrics) if options.api_key else HostCheck(
         app, options.allow_hosts, metrics)
-    return QuietDisconnects(guarded, metrics)
+    return QuietDisconnects(with_cors(guarded, options.cors_allow_origins), metrics)
+
+
+def with_cors(app, origins: tuple[str, ...]):
+    """``app`` behind starlette's CORS middleware for ``origins`` (``--cors-allow-origin``), else as it is.
+    Outside the key and Host checks: a browser's preflight carries neither the key nor the page's
+    credentials, and the 401 or 421 it may get must carry CORS headers for the page to read it."""
+    if not origins:
+        return app
+    from starlette.middleware.cors import CORSMiddleware
+
+    cors = CORSMiddleware(app, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                          allow_headers=["Authorization", "Content-Type"], max_age=600)
+    cors.state = getattr(app, "state", None)  # app.state reads the same through it (the server's metrics)
+    return cors
 
 
 # ---------------------------------------------------------------------------------------------- rows

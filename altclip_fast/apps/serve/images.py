@@ -26,7 +26,7 @@ from ...preprocessing.image_formats import ACCEPTED, FormatRefused, open_image
 from .schemas import ApiError
 
 __all__ = ["MAX_ASPECT_RATIO", "MAX_IMAGE_PIXELS", "MIN_IMAGE_SIDE", "ImageHeader", "ImageRejected", "decode_header",
-           "decode_image", "image_bytes", "read_header", "read_headers"]
+           "decode_image", "image_bytes", "read_header", "read_headers", "with_image"]
 
 MAX_IMAGE_PIXELS = 40_000_000
 MIN_IMAGE_SIDE = 8
@@ -83,7 +83,7 @@ def _check_size(width: int, height: int) -> None:
         raise ImageRejected(f"the image is {width}x{height}, more elongated than {MAX_ASPECT_RATIO}:1")
 
 
-def _with_image(raw: bytes, use: Callable):
+def with_image(raw: bytes, use: Callable):
     """``use(image)`` on the image opened from ``raw`` (its header read, its size checked), with every
     failure of Pillow's an ``ImageRejected``."""
     from PIL import Image
@@ -117,7 +117,7 @@ def read_header(index: int, item: str) -> ImageHeader:
     """Request item ``index``'s bytes and checked header (nothing decoded), or a 400 naming it."""
     try:
         raw = image_bytes(item)
-        width, height = _with_image(raw, lambda image: image.size)
+        width, height = with_image(raw, lambda image: image.size)
     except ImageRejected as exc:
         raise _bad(index, exc) from None
     return ImageHeader(index, raw, width, height)
@@ -141,7 +141,7 @@ def decode_header(header: ImageHeader, prepare: Callable) -> np.ndarray:
     """A read header's image -> ``prepare(PIL image)`` (the processor's ``uint8 [3, H, W]`` crop), or a
     400 naming the item."""
     try:
-        return _with_image(header.raw, lambda image: prepare(_loaded(image)))
+        return with_image(header.raw, lambda image: prepare(_loaded(image)))
     except ImageRejected as exc:
         raise _bad(header.index, exc) from None
 

@@ -21,6 +21,7 @@ import numpy as np
 from .collections import Collection, Collections, Found
 from .schemas import ApiError, choice, field
 from .search_batching import SearchBatcher
+from .thumbnails import Thumbnails
 
 __all__ = ["DEDUPLICATE_COSINE", "DEFAULT_NUM_IMAGES", "MAX_RESULTS", "KnnRequest", "SearchRequest",
            "SearchRoutes", "deduplicate", "embedding_query"]
@@ -110,6 +111,7 @@ class SearchRequest:
     index: str
     top_k: int
     model: str | None
+    thumbnails: bool
 
     @classmethod
     def parse(cls, body: dict, default_name: str | None) -> SearchRequest:
@@ -119,7 +121,8 @@ class SearchRequest:
         if name is None:
             raise ApiError(422, "collection is required (this server has several)", param="collection")
         return cls(kind, query, name, choice(body, "index", ("image", "text")),
-                   _count(body, "top_k", DEFAULT_TOP_K, MAX_RESULTS), body.get("model"))
+                   _count(body, "top_k", DEFAULT_TOP_K, MAX_RESULTS), body.get("model"),
+                   bool(field(body, "thumbnails", bool, default=False)))
 
 
 def deduplicate(found: list[Found], rows: np.ndarray, threshold: float | None = None) -> list[Found]:
@@ -153,6 +156,11 @@ class SearchRoutes:
     def __init__(self, routes, collections: Collections):
         self.routes, self.collections = routes, collections
         self.batcher = SearchBatcher(collections.run)
+        options = routes.options
+        self.thumbnails = Thumbnails(options.thumbnail_size, options.thumbnail_cache_mb * 1024 * 1024)
+
+    def close(self) -> None:
+        self.thumbnails.close()
 
     def _default(self) -> str | None:
         names = self.collections.names()
@@ -201,6 +209,7 @@ class SearchRoutes:
             row, _ = await self.query_row(request, req.kind, req.query, coll.dim, param)
             found = await self.batcher.search(coll, req.modality, row, req.num_result_ids)
             results = await self.collections.run(self._knn, coll, req, found)
+            await self.thumbnails.add_off_loop(coll, [(r["id"], r) for r in results])
         except ApiError as exc:
             return self.routes.error(exc, route)
         return self._json(route, results)
@@ -227,6 +236,7 @@ class SearchRoutes:
                                param="indice_name")
             coll = self.collection(name, None, "indice_name")
             results = await self.collections.run(self._metadata, coll, ids)
+            await self.thumbnails.add_off_loop(coll, [(r["id"], r["metadata"]) for r in results if r["metadata"]])
         except ApiError as exc:
             return self.routes.error(exc, route)
         return self._json(route, results)
@@ -250,9 +260,20 @@ class SearchRoutes:
             data = await self.collections.run(lambda: [
                 {"object": "search_result", "index": i, "score": f.score, "shard": f.shard, "row": f.row,
                  "id": f.id, "metadata": coll.metadata(f.shard, f.row)} for i, f in enumerate(found)])
+            if req.thumbnails:
+                await self._search_thumbnails(coll, data)
         except ApiError as exc:
             return self.routes.error(exc, route)
         return self.routes.ok(route, data, req.model, tokens)
+
+    async def _search_thumbnails(self, coll: Collection, data: list[dict]) -> None:
+        """``/v1/search``'s opt-in: a result's thumbnail as ``thumbnail`` beside its metadata (not in it,
+        where clip-retrieval's back puts its ``image``)."""
+        made = [{"image_path": d["metadata"].get("image_path")} for d in data]
+        await self.thumbnails.add_off_loop(coll, [(d["id"], m) for d, m in zip(data, made)])
+        for d, m in zip(data, made):
+            if "image" in m:
+                d["thumbnail"] = m["image"]
 
     def guarded(self, route: str, handler):
         """``handler``, answering an unexpected exception (a bug) as the server's JSON 500."""

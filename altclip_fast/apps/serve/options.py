@@ -117,6 +117,17 @@ class ServeOptions:
         (), flag="--collection", group=SEARCH, cli_default=None,
         help="NAME=DIR: serve the collection embed --out-dir wrote in DIR under NAME, searched by /v1/search and "
              "clip-retrieval's /knn-service, /metadata and /indices-list (repeatable; none: no search routes)")
+    thumbnail_size: int = setting(
+        256, flag="--thumbnail-size", minimum=0, group=SEARCH,
+        help="longest side in pixels of the JPEG thumbnails added to search results as 'image', for rows whose "
+             "file lies below the collection's recorded input folder (default: 256; 0: no thumbnails)")
+    thumbnail_cache_mb: int = setting(
+        64, flag="--thumbnail-cache-mb", minimum=0, group=SEARCH,
+        help="MiB of thumbnails kept in memory, least recently used out first (default: 64)")
+    cors_allow_origins: tuple[str, ...] = setting(
+        (), flag="--cors-allow-origin", group=CONNECTIONS, cli_default=None,
+        help="answer browsers from this origin (scheme://host:port) with CORS headers, e.g. clip-retrieval's web "
+             "front served elsewhere (repeatable; '*': any origin); by default no CORS headers")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServeOptions:
@@ -129,6 +140,7 @@ class ServeOptions:
             raise UsageError(f"--api-key is empty (an unset shell variable?): give a key, or set {API_KEY_ENV}")
         values["api_key"] = args.api_key or environment.get(API_KEY_ENV) or None
         values["allow_hosts"] = tuple(values["allow_hosts"] or ())
+        values["cors_allow_origins"] = tuple(values["cors_allow_origins"] or ())
         values["collections"] = parse_collections(values["collections"] or ())
         return cls(**{**values, **overrides})
 

@@ -124,3 +124,29 @@ def served_app(model_dir):
     from altclip_fast.apps.serve import ServeOptions, create_app
 
     return lambda **options: create_app(served_model(model_dir), ServeOptions(**options))
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory, model_dir):
+    """A collection ``embed --out-dir --with-text`` wrote from 7 captioned images (``images/``, beside it)
+    in shards of 3; image 6 repeats image 0 byte for byte."""
+    from tests.altclip_fast.apps.cli_helpers import cli_main
+    from tests.altclip_fast.apps.serve.helpers import CAPTIONS, png
+
+    root = tmp_path_factory.mktemp("knn")
+    folder = root / "images"
+    folder.mkdir()
+    for i, caption in enumerate(CAPTIONS):
+        (folder / f"im{i}.png").write_bytes(png(40, 32, seed=0 if i == 6 else i))
+        (folder / f"im{i}.txt").write_text(caption, encoding="utf-8")
+    out = root / "coll"
+    # A relative input from its parent folder: the server, started elsewhere, must still find the images.
+    assert cli_main("embed", "images", "--out-dir", out, "--with-text", "--shard-size", 3, "--model", model_dir,
+                    "--device", "cpu", "--dtype", "fp32", "--workers", "0", "--no-progress", cwd=root) == 0
+    return out
+
+
+@pytest.fixture
+def knn_client(app_client, collection):
+    """``knn_client(**options)``: ``app_client`` serving ``collection`` as "coll"."""
+    return lambda **options: app_client(collections=(("coll", str(collection)),), **options)

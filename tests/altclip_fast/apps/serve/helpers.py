@@ -10,6 +10,8 @@ import zlib
 
 from tests.altclip_fast.processor_fixtures import MULTILINGUAL_TEXTS, photo_like
 
+# The captions of the conftest's ``collection``: image 6 repeats image 0 (and its caption).
+CAPTIONS = ["a red house", "ein blauer Himmel", "un chat noir", "一只狗", "a green field", "la mer", "a red house"]
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TEXTS = [t for t in MULTILINGUAL_TEXTS if t.strip()]  # includes one far over the tiny model's 37 tokens

@@ -16,33 +16,12 @@ from altclip_fast.apps.serve.collections import Found
 from altclip_fast.apps.serve.knn import deduplicate
 from altclip_fast.errors import UsageError
 from tests.altclip_fast.apps.cli_helpers import cli_main, error_line
-from tests.altclip_fast.apps.serve.helpers import AUTH, KEY, b64, png
+from tests.altclip_fast.apps.serve.helpers import AUTH, CAPTIONS, KEY, b64, png
 
-CAPTIONS = ["a red house", "ein blauer Himmel", "un chat noir", "一只狗", "a green field", "la mer", "a red house"]
 # What clip-retrieval's ClipClient sends besides the query (clip_client.py's defaults).
 CLIENT_FIELDS = {"modality": "image", "num_images": 3, "indice_name": "coll", "num_result_ids": 3,
                  "use_mclip": False, "deduplicate": False, "use_safety_model": False,
                  "use_violence_detector": False, "aesthetic_score": 9, "aesthetic_weight": 0.5}
-
-
-@pytest.fixture(scope="module")
-def collection(tmp_path_factory, model_dir):
-    """A collection of 7 captioned images in shards of 3; image 6 repeats image 0 byte for byte."""
-    root = tmp_path_factory.mktemp("knn")
-    folder = root / "images"
-    folder.mkdir()
-    for i, caption in enumerate(CAPTIONS):
-        (folder / f"im{i}.png").write_bytes(png(40, 32, seed=0 if i == 6 else i))
-        (folder / f"im{i}.txt").write_text(caption, encoding="utf-8")
-    out = root / "coll"
-    assert cli_main("embed", folder, "--out-dir", out, "--with-text", "--shard-size", 3, "--model", model_dir,
-                    "--device", "cpu", "--dtype", "fp32", "--workers", "0", "--no-progress", cwd=root) == 0
-    return out
-
-
-@pytest.fixture
-def knn_client(app_client, collection):
-    return lambda **options: app_client(collections=(("coll", str(collection)),), **options)
 
 
 def _global_ids(index: Index, hits) -> list[int]:
@@ -132,7 +111,10 @@ def test_metadata_by_global_id(knn_client, collection):
     got = reply.json()
     assert [r["id"] for r in got] == [4, 0, 6, 99]
     # shards of 3 rows: id 4 is shard 1 row 1, id 6 shard 2 row 0
-    assert got[0]["metadata"] == index.metadata(1, 1) and got[2]["metadata"] == index.metadata(2, 0)
+    # the stored columns, plus the row's thumbnail as clip-retrieval's back adds it (test_thumbnails)
+    assert {k: v for k, v in got[0]["metadata"].items() if k != "image"} == index.metadata(1, 1)
+    assert {k: v for k, v in got[2]["metadata"].items() if k != "image"} == index.metadata(2, 0)
+    assert all("image" in r["metadata"] for r in got[:3])
     assert got[1]["metadata"]["caption"] == CAPTIONS[0] and got[3]["metadata"] == {}
 
 

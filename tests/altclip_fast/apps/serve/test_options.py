@@ -64,8 +64,13 @@ def test_the_generated_flags_are_the_hand_written_ones():
     assert groups["batching and limits"] == [f for f, *_ in BEFORE[4:]] + ["--preprocess-workers",
                                                                            "--max-request-pixels"]
     assert groups["connections and hosts"] == ["--allow-host", "--max-connections", "--timeout-keep-alive",
-                                               "--timeout-header", "--timeout-body", "--timeout-graceful-shutdown"]
-    assert groups["search service"] == ["--collection"]
+                                               "--timeout-header", "--timeout-body", "--timeout-graceful-shutdown",
+                                               "--cors-allow-origin"]
+    assert groups["search service"] == ["--collection", "--thumbnail-size", "--thumbnail-cache-mb"]
+    cors = actions["--cors-allow-origin"]
+    assert (cors.dest, cors.default, cors.metavar) == ("cors_allow_origins", None, "ORIGIN")
+    assert _parser().parse_args(["--cors-allow-origin", "*", "--cors-allow-origin", "http://a:1"]
+                                ).cors_allow_origins == ["*", "http://a:1"]
     collection = actions["--collection"]
     assert (collection.dest, collection.default, collection.metavar) == ("collections", None, "COLLECTION")
     assert _parser().parse_args(["--collection", "a=x", "--collection", "b=y"]).collections == ["a=x", "b=y"]
@@ -120,6 +125,8 @@ def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     (["--max-request-pixels", "0"], "--max-request-pixels must be at least 1, got 0"),
     (["--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),
     (["--label-cache", "-1"], "--label-cache must be at least 0, got -1"),
+    (["--thumbnail-size", "-1"], "--thumbnail-size must be at least 0, got -1"),
+    (["--thumbnail-cache-mb", "-5"], "--thumbnail-cache-mb must be at least 0, got -5"),
     # Several bad: the first as the hand-written checks ran them (the minimum-1 flags, then the others).
     (["--max-wait-ms", "-1", "--label-cache", "-1", "--max-queue", "0"], "--max-queue must be at least 1, got 0"),
     (["--label-cache", "-1", "--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),
@@ -156,6 +163,16 @@ def test_allow_host_repeats_and_the_connection_limits_parse():
     assert (options.max_connections, options.timeout_body_s, options.timeout_header_s) == (9, 2.5, 10.0)
     with pytest.raises(UsageError, match="--timeout-header must be at least 0.1, got 0.0"):
         ServeOptions.from_args(_parser().parse_args(["--timeout-header", "0"]))
+
+
+def test_cors_origins_and_thumbnail_settings_parse():
+    options = ServeOptions.from_args(_parser().parse_args(
+        ["--cors-allow-origin", "http://127.0.0.1:3005", "--cors-allow-origin", "*", "--thumbnail-size", "0",
+         "--thumbnail-cache-mb", "8"]))
+    assert options.cors_allow_origins == ("http://127.0.0.1:3005", "*")
+    assert (options.thumbnail_size, options.thumbnail_cache_mb) == (0, 8)
+    plain = ServeOptions.from_args(_parser().parse_args([]))
+    assert plain.cors_allow_origins == () and plain.thumbnail_size > 0 and plain.thumbnail_cache_mb > 0
 
 
 def test_collection_repeats_as_name_dir_pairs(tmp_path):

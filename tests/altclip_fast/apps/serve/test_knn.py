@@ -73,6 +73,19 @@ def test_knn_service_image_and_embedding_queries(knn_client, collection, direct)
         np.testing.assert_allclose([r["similarity"] for r in got], [h.score for h in hits], atol=1e-5)
 
 
+def test_the_fronts_metadata_paging(knn_client):
+    """The web front pages through ``num_result_ids`` with ``/metadata``, 40 ids at a time, and keeps asking
+    past the last result (seen in chromium): an empty ``ids`` is an empty answer. It posts its JSON as
+    text/plain (no preflight), and merges ``image`` from the answer into the rows it shows."""
+    plain = {"Content-Type": "text/plain;charset=UTF-8"}
+    with knn_client() as client:
+        empty = client.post("/metadata", content=b'{"ids":[],"indice_name":"coll"}', headers=plain)
+        page = client.post("/metadata", content=b'{"ids":[5,2],"indice_name":"coll"}', headers=plain)
+    assert empty.status_code == 200 and empty.json() == []
+    assert [r["id"] for r in page.json()] == [5, 2]
+    assert all(r["metadata"]["image"] and r["metadata"]["caption"] for r in page.json())
+
+
 def _unit(degrees):
     return np.array([[np.cos(np.radians(d)), np.sin(np.radians(d))] for d in degrees])
 

@@ -158,6 +158,8 @@ class SearchRoutes:
         self.batcher = SearchBatcher(collections.run)
         options = routes.options
         self.thumbnails = Thumbnails(options.thumbnail_size, options.thumbnail_cache_mb * 1024 * 1024)
+        for name in collections.names():  # each recorded root read now, at start-up, not on the event loop
+            self.thumbnails.root(collections.get(name))
 
     def close(self) -> None:
         self.thumbnails.close()

@@ -133,15 +133,16 @@ def test_a_single_file_run_saved_by_an_older_version_is_refused_in_one_line(work
     assert np.load(target).shape == (3, 12) and not partial.exists()
 
 
-def test_an_out_dir_saved_by_an_older_version_is_refused_in_one_line(work, tmp_path, capsys):
+@pytest.mark.parametrize("version", [1, 3])  # 3: its saved batches hold image paths as typed, not absolute
+def test_an_out_dir_saved_by_an_older_version_is_refused_in_one_line(work, tmp_path, capsys, version):
     out = tmp_path / "o"
     (out / ".altclip-fast").mkdir(parents=True)
-    (out / ".altclip-fast" / "plan.json").write_text(json.dumps({"version": 1, "inputs_sha256": "x"}))
+    (out / ".altclip-fast" / "plan.json").write_text(json.dumps({"version": version, "inputs_sha256": "x"}))
     (out / "img_emb").mkdir()
     cmd = ["embed", "photos", "--out-dir", str(out), "--shard-size", 4, *CPU]
     assert cli_main(*cmd, "--resume", cwd=work) == 2
     line = error_line(capsys)
-    assert "older altclip-fast (plan version 1)" in line and "--overwrite" in line
+    assert f"older altclip-fast (plan version {version})" in line and "--overwrite" in line
     assert cli_main(*cmd, "--resume", "--overwrite", cwd=work) == 0
     assert sum(len(e) for e in _emb(out)) == 6
 

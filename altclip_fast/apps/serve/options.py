@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
@@ -19,7 +20,7 @@ from ... import environment
 from ...errors import UsageError
 
 __all__ = ["API_KEY_ENV", "HEALTH_TTL_S", "Listen", "ServeOptions", "add_arguments", "check_minimums", "cli_default",
-           "flag_fields", "parse_collections", "served_name", "setting"]
+           "flag_fields", "parse_collections", "parse_origins", "served_name", "setting"]
 
 API_KEY_ENV = "ALTCLIP_FAST_API_KEY"
 HEALTH_TTL_S = 5.0
@@ -140,7 +141,7 @@ class ServeOptions:
             raise UsageError(f"--api-key is empty (an unset shell variable?): give a key, or set {API_KEY_ENV}")
         values["api_key"] = args.api_key or environment.get(API_KEY_ENV) or None
         values["allow_hosts"] = tuple(values["allow_hosts"] or ())
-        values["cors_allow_origins"] = tuple(values["cors_allow_origins"] or ())
+        values["cors_allow_origins"] = parse_origins(values["cors_allow_origins"] or ())
         values["collections"] = parse_collections(values["collections"] or ())
         return cls(**{**values, **overrides})
 
@@ -161,6 +162,17 @@ def parse_collections(values) -> tuple[tuple[str, str], ...]:
             raise UsageError(f"--collection {name}={directory}: no such directory")
         pairs[name] = directory
     return tuple(pairs.items())
+
+
+def parse_origins(values) -> tuple[str, ...]:
+    """``--cors-allow-origin`` values: ``*`` or ``scheme://host[:port]``. Browsers send ``Origin`` without a
+    path or a final slash and it is compared as text, so ``http://host:3005/`` would match nothing: a
+    UsageError rather than a server that silently never answers the front."""
+    for value in values:
+        if value != "*" and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s]+", value):
+            raise UsageError(f"--cors-allow-origin takes * or scheme://host[:port] (as a browser sends Origin), "
+                             f"got {value!r}")
+    return tuple(values)
 
 
 def served_name(model: str) -> str:

@@ -127,6 +127,10 @@ def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     (["--label-cache", "-1"], "--label-cache must be at least 0, got -1"),
     (["--thumbnail-size", "-1"], "--thumbnail-size must be at least 0, got -1"),
     (["--thumbnail-cache-mb", "-5"], "--thumbnail-cache-mb must be at least 0, got -5"),
+    (["--cors-allow-origin", "http://127.0.0.1:3005/"],
+     "--cors-allow-origin takes * or scheme://host[:port] (as a browser sends Origin), got 'http://127.0.0.1:3005/'"),
+    (["--cors-allow-origin", "127.0.0.1:3005"],
+     "--cors-allow-origin takes * or scheme://host[:port] (as a browser sends Origin), got '127.0.0.1:3005'"),
     # Several bad: the first as the hand-written checks ran them (the minimum-1 flags, then the others).
     (["--max-wait-ms", "-1", "--label-cache", "-1", "--max-queue", "0"], "--max-queue must be at least 1, got 0"),
     (["--label-cache", "-1", "--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),

@@ -324,3 +324,21 @@ def test_thumbnail_size_zero_turns_them_off(knn_client):
     with knn_client(thumbnail_size=0) as client:
         got = client.post("/knn-service", json={"embedding_input": [1.0] * 12, "num_images": 3}).json()
     assert len(got) == 3 and not any("image" in r for r in got)
+
+
+def test_a_served_webdataset_collection_shows_its_tar_members(app_client, model_dir, tmp_path):
+    pytest.importorskip("webdataset")
+    from tests.altclip_fast.apps.cli_helpers import cli_main
+
+    (tmp_path / "wds").mkdir()
+    members = {f"s{i}": png(48, 36, seed=20 + i, fmt="JPEG") for i in range(3)}
+    _tar(tmp_path / "wds" / "00000.tar", [(f"{k}.jpg", raw) for k, raw in members.items()])
+    assert cli_main("embed", "wds/00000.tar", "--out-dir", "coll", "--model", model_dir, "--device", "cpu",
+                    "--dtype", "fp32", "--workers", "0", "--no-progress", cwd=tmp_path) == 0
+    with app_client(collections=(("wds", str(tmp_path / "coll")),)) as client:
+        got = client.post("/knn-service", json={"embedding_input": [1.0] * 12, "num_images": 3}).json()
+    assert sorted(r["key"] for r in got) == sorted(members)
+    for r in got:
+        assert r["image_path"] == f"{os.path.realpath(tmp_path)}/wds/00000.tar/{r['key']}.jpg"
+        source = np.asarray(Image.open(io.BytesIO(members[r["key"]])).convert("RGB"), np.float32)
+        assert np.abs(np.asarray(_image_of(r), np.float32) - source).mean() < 12

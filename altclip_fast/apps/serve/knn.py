@@ -103,7 +103,8 @@ class KnnRequest:
 @dataclass(frozen=True)
 class SearchRequest:
     """``POST /v1/search``: ``input`` (a text, a base64 image or an embedding, as ``modality`` says), the
-    ``collection``, its ``index`` to search and ``top_k``."""
+    ``collection``, its ``index`` to search, ``top_k`` and ``thumbnails`` (off by default: a JSON client
+    rarely wants images in its answer)."""
 
     kind: str
     query: object

@@ -50,7 +50,8 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    collections = Collections(options.collections) if collections is None else collections  # first: fail fast
+    if collections is None:  # first: fail fast
+        collections = Collections(options.collections, options.faiss)
     metrics = Metrics()
     rows = Rows(model, options, metrics)
     routes = Routes(rows, options, metrics)
@@ -259,9 +260,10 @@ class Routes:
         self.metrics.request(route, exc.status)
         return _json(error_body(exc), exc.status, exc.headers)
 
-    def ok(self, route: str, data: list, model: str | None, tokens: int):
+    def ok(self, route: str, data: list, model: str | None, tokens: int, **fields):
+        """The 200 list reply (``fields``: more top-level fields, after ``model``)."""
         self.metrics.request(route, 200)
-        return _json({"object": "list", "data": data, "model": model or self.options.model_name,
+        return _json({"object": "list", "data": data, "model": model or self.options.model_name, **fields,
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def off_loop(self, fn, *args):

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .collections import Collection, Collections, Found
+from .faiss_index import ENGINES
 from .schemas import ApiError, choice, field
 from .search_batching import SearchBatcher
 
-__all__ = ["DEDUPLICATE_COSINE", "DEFAULT_NUM_IMAGES", "MAX_RESULTS", "KnnRequest", "SearchRequest",
+__all__ = ["DEDUPLICATE_COSINE", "DEFAULT_NUM_IMAGES", "ENGINE_HEADER", "MAX_RESULTS", "KnnRequest", "SearchRequest",
            "SearchRoutes", "deduplicate", "embedding_query"]
 
 DEFAULT_NUM_IMAGES = 40  # the front's default
@@ -35,6 +36,7 @@ _DEDUP_BLOCK = 256
 # clip-retrieval fields this server accepts, whatever their value, and ignores: its mCLIP text model
 # (AltCLIP is multilingual already), its safety and violence classifiers and its aesthetic re-weighting
 # (models it does not load). Documentation only: nothing reads them.
+ENGINE_HEADER = "X-AltCLIP-Search"  # what answered a search: "exact" or "faiss" (--faiss)
 IGNORED = ("use_mclip", "use_safety_model", "use_violence_detector", "aesthetic_score", "aesthetic_weight")
 
 
@@ -102,7 +104,8 @@ class KnnRequest:
 @dataclass(frozen=True)
 class SearchRequest:
     """``POST /v1/search``: ``input`` (a text, a base64 image or an embedding, as ``modality`` says), the
-    ``collection``, its ``index`` to search and ``top_k``."""
+    ``collection``, its ``index`` to search and ``top_k``; ``search`` ("exact" or "faiss") overrides what
+    answers (by default the collection's faiss index under ``--faiss``, else exact search)."""
 
     kind: str
     query: object
@@ -110,6 +113,7 @@ class SearchRequest:
     index: str
     top_k: int
     model: str | None
+    search: str | None = None
 
     @classmethod
     def parse(cls, body: dict, default_name: str | None) -> SearchRequest:
@@ -118,8 +122,9 @@ class SearchRequest:
         name = field(body, "collection", str, default=default_name)
         if name is None:
             raise ApiError(422, "collection is required (this server has several)", param="collection")
+        search = choice(body, "search", ENGINES) if body.get("search") is not None else None
         return cls(kind, query, name, choice(body, "index", ("image", "text")),
-                   _count(body, "top_k", DEFAULT_TOP_K, MAX_RESULTS), body.get("model"))
+                   _count(body, "top_k", DEFAULT_TOP_K, MAX_RESULTS), body.get("model"), search)
 
 
 def deduplicate(found: list[Found], rows: np.ndarray, threshold: float | None = None) -> list[Found]:
@@ -199,11 +204,14 @@ class SearchRoutes:
             coll = self.collection(req.indice_name, req.modality, "indice_name")
             param = {"text": "text", "image": "image", "embedding": "embedding_input"}[req.kind]
             row, _ = await self.query_row(request, req.kind, req.query, coll.dim, param)
-            found = await self.batcher.search(coll, req.modality, row, req.num_result_ids)
+            engine = coll.engine(req.modality)
+            found = await self.batcher.search(coll, req.modality, row, req.num_result_ids, engine)
             results = await self.collections.run(self._knn, coll, req, found)
         except ApiError as exc:
             return self.routes.error(exc, route)
-        return self._json(route, results)
+        response = self._json(route, results)  # clip-retrieval's body: what answered goes in a header
+        response.headers[ENGINE_HEADER] = engine
+        return response
 
     @staticmethod
     def _knn(coll: Collection, req: KnnRequest, found: list[Found]) -> list[dict]:
@@ -245,14 +253,20 @@ class SearchRoutes:
             body = await self.routes.body(request)
             req = SearchRequest.parse(body, self._default())
             coll = self.collection(req.collection, req.index, "collection")
+            engine = req.search or coll.engine(req.index)
+            if engine == "faiss" and req.index not in coll.faiss:
+                raise ApiError(422, f"the collection {req.collection!r} has no faiss {req.index} index (see "
+                               "serve --faiss)", param="search")
             row, tokens = await self.query_row(request, req.kind, req.query, coll.dim, "input")
-            found = await self.batcher.search(coll, req.index, row, req.top_k)
+            found = await self.batcher.search(coll, req.index, row, req.top_k, engine)
             data = await self.collections.run(lambda: [
                 {"object": "search_result", "index": i, "score": f.score, "shard": f.shard, "row": f.row,
                  "id": f.id, "metadata": coll.metadata(f.shard, f.row)} for i, f in enumerate(found)])
         except ApiError as exc:
             return self.routes.error(exc, route)
-        return self.routes.ok(route, data, req.model, tokens)
+        response = self.routes.ok(route, data, req.model, tokens, search=engine)
+        response.headers[ENGINE_HEADER] = engine
+        return response
 
     def guarded(self, route: str, handler):
         """``handler``, answering an unexpected exception (a bug) as the server's JSON 500."""

@@ -19,7 +19,7 @@ from ... import environment
 from ...errors import UsageError
 
 __all__ = ["API_KEY_ENV", "HEALTH_TTL_S", "Listen", "ServeOptions", "add_arguments", "check_minimums", "cli_default",
-           "flag_fields", "parse_collections", "served_name", "setting"]
+           "flag_fields", "parse_collections", "parse_faiss", "served_name", "setting"]
 
 API_KEY_ENV = "ALTCLIP_FAST_API_KEY"
 HEALTH_TTL_S = 5.0
@@ -117,6 +117,11 @@ class ServeOptions:
         (), flag="--collection", group=SEARCH, cli_default=None,
         help="NAME=DIR: serve the collection embed --out-dir wrote in DIR under NAME, searched by /v1/search and "
              "clip-retrieval's /knn-service, /metadata and /indices-list (repeatable; none: no search routes)")
+    faiss: tuple[tuple[str, str | None], ...] = setting(
+        (), flag="--faiss", group=SEARCH, cli_default=None,
+        help="NAME or NAME=FOLDER: answer the searches of --collection NAME with the faiss index clip-retrieval "
+             "index wrote (image.index, text.index) in its DIR, or in FOLDER, instead of exact search (repeatable; "
+             "needs the [index] extra; /v1/search replies say which answered, in search)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServeOptions:
@@ -130,6 +135,7 @@ class ServeOptions:
         values["api_key"] = args.api_key or environment.get(API_KEY_ENV) or None
         values["allow_hosts"] = tuple(values["allow_hosts"] or ())
         values["collections"] = parse_collections(values["collections"] or ())
+        values["faiss"] = parse_faiss(values["faiss"] or ())
         return cls(**{**values, **overrides})
 
 
@@ -148,6 +154,21 @@ def parse_collections(values) -> tuple[tuple[str, str], ...]:
         if not Path(directory).expanduser().is_dir():
             raise UsageError(f"--collection {name}={directory}: no such directory")
         pairs[name] = directory
+    return tuple(pairs.items())
+
+
+def parse_faiss(values) -> tuple[tuple[str, str | None], ...]:
+    """``--faiss NAME[=FOLDER]`` values as ``(name, folder or None)``; an empty name or a repeated one is a
+    UsageError (the name and the index files are checked when the collections are opened)."""
+    pairs: dict[str, str | None] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        name = name.strip()
+        if not name or (sep and not folder):
+            raise UsageError(f"--faiss takes NAME or NAME=FOLDER, got {value!r}")
+        if name in pairs:
+            raise UsageError(f"--faiss {name!r} is given twice")
+        pairs[name] = folder or None
     return tuple(pairs.items())
 
 

@@ -65,7 +65,7 @@ def test_the_generated_flags_are_the_hand_written_ones():
                                                                            "--max-request-pixels"]
     assert groups["connections and hosts"] == ["--allow-host", "--max-connections", "--timeout-keep-alive",
                                                "--timeout-header", "--timeout-body", "--timeout-graceful-shutdown"]
-    assert groups["search service"] == ["--collection"]
+    assert groups["search service"] == ["--collection", "--faiss"]
     collection = actions["--collection"]
     assert (collection.dest, collection.default, collection.metavar) == ("collections", None, "COLLECTION")
     assert _parser().parse_args(["--collection", "a=x", "--collection", "b=y"]).collections == ["a=x", "b=y"]
@@ -179,3 +179,15 @@ def test_bad_collections_are_one_line_usage_errors(tmp_path, values, message):
     with pytest.raises(UsageError) as caught:
         ServeOptions.from_args(_parser().parse_args(argv))
     assert str(caught.value) == message.replace("MISSING", str(tmp_path / "missing"))
+
+
+def test_faiss_takes_a_name_or_a_name_and_a_folder(tmp_path):
+    args = _parser().parse_args(["--collection", f"one={tmp_path}", "--faiss", "one", "--faiss", "two=/x/idx"])
+    assert ServeOptions.from_args(args).faiss == (("one", None), ("two", "/x/idx"))  # names checked on opening
+    assert ServeOptions.from_args(_parser().parse_args([])).faiss == ()
+    for values, message in ((["=x"], "--faiss takes NAME or NAME=FOLDER, got '=x'"),
+                            (["a="], "--faiss takes NAME or NAME=FOLDER, got 'a='"),
+                            (["a", "a=/y"], "--faiss 'a' is given twice")):
+        with pytest.raises(UsageError) as caught:
+            ServeOptions.from_args(_parser().parse_args([a for v in values for a in ("--faiss", v)]))
+        assert str(caught.value) == message

@@ -148,7 +148,7 @@ def _pct(values: list[float], p: float) -> float:
     return round(1000 * values[min(len(values) - 1, int(p * len(values)))], 1) if values else float("nan")
 
 
-async def _clients(url: str, clients: int, per_client: int, body, deadline_s: float) -> dict:
+async def _clients(url: str, clients: int, per_client: int, body, deadline_s: float, path: str) -> dict:
     import httpx
 
     latencies, errors, replies = [], [], {}
@@ -160,33 +160,52 @@ async def _clients(url: str, clients: int, per_client: int, body, deadline_s: fl
                 return
             i = c * per_client + k
             start = time.perf_counter()
-            r = await http.post("/v1/search", json=body(i))
+            r = await http.post(path, json=body(i))
             elapsed = time.perf_counter() - start
             if r.status_code == 200:
                 latencies.append(elapsed)
-                replies[i] = r.json()
+                if path == "/v1/search":
+                    replies[i] = r.json()
             else:
                 errors.append(r.status_code)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=deadline_s, limits=limits) as http:
         # open every connection (and warm up) before the clock starts
-        await asyncio.gather(*(http.post("/v1/search", json=body(-1 - c)) for c in range(clients)))
+        await asyncio.gather(*(http.post(path, json=body(-1 - c)) for c in range(clients)))
         start = time.perf_counter()
         await asyncio.gather(*(one(c, http) for c in range(clients)))
         wall = time.perf_counter() - start
-    engines = sorted({r.get("search", "?") for r in replies.values()})
+    engines = sorted({r.get("search", "?") for r in replies.values()}) if path == "/v1/search" else []
     return {"clients": clients, "queries": len(latencies), "errors": errors, "wall_s": round(wall, 2),
             "queries_per_s": round(len(latencies) / wall, 2) if wall else float("nan"),
             "p50_ms": _pct(latencies, 0.50), "p99_ms": _pct(latencies, 0.99), "answered_by": engines,
             "_replies": replies}
 
 
-def run_load(url: str, clients: int, per_client: int, search: str | None, deadline_s: float, offset: int = 0):
+def run_load(url: str, clients: int, per_client: int, search: str | None, deadline_s: float, offset: int = 0,
+             part: str = "both"):
+    """``part``: "both" (text queries), "search" (query embeddings: no model) or "model" (the texts'
+    embeddings alone, ``/v1/embeddings``)."""
+    dim = [None]
+
     def body(i):
-        request = {"input": text(offset + i), "collection": "bench", "top_k": 10}
+        if part == "model":
+            return {"input": [text(offset + i)]}
+        if part == "search":
+            row = np.random.default_rng(abs(offset + i)).standard_normal(dim[0]).astype(np.float32)
+            request = {"input": (row / np.linalg.norm(row)).tolist(), "modality": "embedding"}
+        else:
+            request = {"input": text(offset + i)}
+        request = {**request, "collection": "bench", "top_k": 10}
         return request if search is None else {**request, "search": search}
-    return asyncio.run(_clients(url, clients, per_client, body, deadline_s))
+    if part == "search":
+        import httpx
+
+        probe = httpx.post(url + "/v1/embeddings", json={"input": ["x"]}, timeout=60).json()
+        dim[0] = len(probe["data"][0]["embedding"])
+    path = "/v1/embeddings" if part == "model" else "/v1/search"
+    return asyncio.run(_clients(url, clients, per_client, body, deadline_s, path))
 
 
 def recall_at_10(exact: dict, approx: dict) -> float:
@@ -195,13 +214,15 @@ def recall_at_10(exact: dict, approx: dict) -> float:
     return round(float(np.mean(hits)), 4) if hits else float("nan")
 
 
-def measure(server, args, label: str, search: str | None = None) -> dict:
+def measure(server, args, label: str, search: str | None = None, part: str = "both") -> dict:
     """Warm up, then one client in sequence and ``args.clients`` at once (each a fresh set of texts)."""
-    run_load(server.url, 4, 2, search, args.deadline_s, offset=10**6)  # warm up: norms, batch shapes
-    single = run_load(server.url, 1, args.single_calls, search, args.deadline_s)
-    many = run_load(server.url, args.clients, args.per_client, search, args.deadline_s, offset=args.single_calls)
+    run_load(server.url, 4, 2, search, args.deadline_s, offset=10**6, part=part)  # warm up: norms, batch shapes
+    single = run_load(server.url, 1, args.single_calls, search, args.deadline_s, part=part)
+    many = run_load(server.url, args.clients, args.per_client, search, args.deadline_s, offset=args.single_calls,
+                    part=part)
     out = {"label": label, "single": single, "concurrent": many,
-           "ratio": round(many["queries_per_s"] / single["queries_per_s"], 2), "server_memory_mib": memory(server.proc.pid)}
+           "ratio": round(many["queries_per_s"] / single["queries_per_s"], 2),
+           "server_memory_mib": memory(server.proc.pid)}
     shown = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
              for k, v in out.items()}
     print(json.dumps(shown), flush=True)
@@ -223,6 +244,9 @@ def main(argv=None) -> int:
     parser.add_argument("--per-client", type=int, default=16)
     parser.add_argument("--faiss-index", help="also serve a faiss index of this factory string (e.g. IVF1024,Flat)")
     parser.add_argument("--nprobe", type=int, default=32, help="an IVF index's nprobe, stored in the index")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also the same loads on each half alone: query embeddings searched (no model), and "
+                             "the texts embedded (/v1/embeddings, no search)")
     parser.add_argument("--deadline-s", type=float, default=300, help="per load run")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -247,6 +271,9 @@ def main(argv=None) -> int:
         server = Server(model, args.dtype, ["--collection", f"bench={root}"])
         try:
             results["runs"].append(measure(server, args, "exact"))
+            if args.breakdown:
+                results["runs"].append(measure(server, args, "exact search alone (embedding queries)", part="search"))
+                results["runs"].append(measure(server, args, "the model alone (/v1/embeddings)", part="model"))
         finally:
             server.stop()
         if args.faiss_index:

@@ -81,12 +81,12 @@ def build_collection(root: Path, rows: int, dim: int, shard_size: int, seed: int
     return root
 
 
-def build_faiss(root: Path, factory: str, nprobe: int) -> float:
+def build_faiss(root: Path, factory: str, nprobe: int, ef_search: int) -> float:
     """``root/image.index``, a ``factory`` index over the shards in clip-retrieval's order (file names
     sorted), inner product; reused when one for the same factory exists. Returns its build seconds."""
     import faiss
 
-    stamp, done = {"factory": factory, "nprobe": nprobe}, root / "bench-faiss.json"
+    stamp, done = {"factory": factory, "nprobe": nprobe, "ef_search": ef_search}, root / "bench-faiss.json"
     if done.is_file() and json.loads(done.read_text()) == stamp and (root / "image.index").is_file():
         return float("nan")
     paths = sorted((root / "img_emb").glob("*.npy"), key=str)
@@ -102,6 +102,8 @@ def build_faiss(root: Path, factory: str, nprobe: int) -> float:
             index.add(np.asarray(shard[begin:begin + 50_000], dtype=np.float32))
     if "IVF" in factory:
         faiss.extract_index_ivf(index).nprobe = nprobe
+    if "HNSW" in factory:
+        faiss.downcast_index(index).hnsw.efSearch = ef_search
     faiss.write_index(index, str(root / "image.index"))
     done.write_text(json.dumps(stamp))
     return time.perf_counter() - start
@@ -244,6 +246,7 @@ def main(argv=None) -> int:
     parser.add_argument("--per-client", type=int, default=16)
     parser.add_argument("--faiss-index", help="also serve a faiss index of this factory string (e.g. IVF1024,Flat)")
     parser.add_argument("--nprobe", type=int, default=32, help="an IVF index's nprobe, stored in the index")
+    parser.add_argument("--ef-search", type=int, default=64, help="an HNSW index's efSearch, stored in the index")
     parser.add_argument("--breakdown", action="store_true",
                         help="also the same loads on each half alone: query embeddings searched (no model), and "
                              "the texts embedded (/v1/embeddings, no search)")
@@ -277,10 +280,11 @@ def main(argv=None) -> int:
         finally:
             server.stop()
         if args.faiss_index:
-            results["faiss_build_s"] = round(build_faiss(root, args.faiss_index, args.nprobe), 1)
+            results["faiss_build_s"] = round(build_faiss(root, args.faiss_index, args.nprobe, args.ef_search), 1)
             server = Server(model, args.dtype, ["--collection", f"bench={root}", "--faiss", "bench"])
             try:
-                faiss_run = measure(server, args, f"faiss {args.faiss_index} nprobe {args.nprobe}")
+                tuned = f"efSearch {args.ef_search}" if "HNSW" in args.faiss_index else f"nprobe {args.nprobe}"
+                faiss_run = measure(server, args, f"faiss {args.faiss_index} {tuned}")
                 exact = run_load(server.url, 1, args.single_calls, "exact", args.deadline_s)  # the same texts
                 faiss_run["recall_at_10"] = recall_at_10(exact["_replies"], faiss_run["single"]["_replies"])
                 faiss_run["exact_on_this_server"] = {k: v for k, v in exact.items() if not k.startswith("_")}

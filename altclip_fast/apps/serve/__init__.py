@@ -16,7 +16,8 @@ One job per module:
   idle, header and body timeouts and a connection cap, and quiet client disconnects.
 - ``collections``: the ``--collection`` folders opened for search (``search.Index``), global row ids;
   ``knn``: the search routes (clip-retrieval's ``/knn-service``, ``/metadata``, ``/indices-list`` and
-  ``/v1/search``); ``search_batching``: concurrent searches of an index gathered into one product.
+  ``/v1/search``); ``search_batching``: concurrent searches of an index gathered into one product;
+  ``faiss_index``: a collection's optional faiss index (``--faiss``, the ``[index]`` extra).
 - ``app``: ``create_app`` and the routes; ``server``: ``run`` (bind, load, probe, uvicorn, signals).
 
 Zero-shot classification is ``altclip_fast.apps.zeroshot``, shared with the CLI's ``classify``. The web

@@ -31,7 +31,7 @@ from .connections import QuietDisconnects
 from .health import Health
 from .hosts import HostCheck
 from .images import decode_header, read_headers
-from .knn import SearchRoutes
+from .knn import ENGINE_HEADER, SearchRoutes
 from .label_cache import LabelCache
 from .metrics import Metrics
 from .model import ServedModel
@@ -51,7 +51,8 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    collections = Collections(options.collections) if collections is None else collections  # first: fail fast
+    if collections is None:  # first: fail fast
+        collections = Collections(options.collections, options.faiss)
     metrics = Metrics()
     rows = Rows(model, options, metrics)
     routes = Routes(rows, options, metrics)
@@ -89,13 +90,15 @@ def create_app(model: ServedModel, options: ServeOptions, *, on_ready: Callable[
 def with_cors(app, origins: tuple[str, ...]):
     """``app`` behind starlette's CORS middleware for ``origins`` (``--cors-allow-origin``), else as it is.
     Outside the key and Host checks: a browser's preflight carries neither the key nor the page's
-    credentials, and the 401 or 421 it may get must carry CORS headers for the page to read it."""
+    credentials, and the 401 or 421 it may get must carry CORS headers for the page to read it. The page
+    may read which search answered (``ENGINE_HEADER``): browsers hide other response headers."""
     if not origins:
         return app
     from starlette.middleware.cors import CORSMiddleware
 
     cors = CORSMiddleware(app, allow_origins=list(origins), allow_methods=["GET", "POST"],
-                          allow_headers=["Authorization", "Content-Type"], max_age=600)
+                          allow_headers=["Authorization", "Content-Type"], expose_headers=[ENGINE_HEADER],
+                          max_age=600)
     cors.state = getattr(app, "state", None)  # app.state reads the same through it (the server's metrics)
     return cors
 
@@ -276,9 +279,10 @@ class Routes:
         self.metrics.request(route, exc.status)
         return _json(error_body(exc), exc.status, exc.headers)
 
-    def ok(self, route: str, data: list, model: str | None, tokens: int):
+    def ok(self, route: str, data: list, model: str | None, tokens: int, **fields):
+        """The 200 list reply (``fields``: more top-level fields, after ``model``)."""
         self.metrics.request(route, 200)
-        return _json({"object": "list", "data": data, "model": model or self.options.model_name,
+        return _json({"object": "list", "data": data, "model": model or self.options.model_name, **fields,
                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def off_loop(self, fn, *args):

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .collections import Collection, Collections, Found
+from .faiss_index import ENGINES
 from .schemas import ApiError, choice, field
 from .search_batching import SearchBatcher
 from .thumbnails import Thumbnails
 
-__all__ = ["DEDUPLICATE_COSINE", "DEFAULT_NUM_IMAGES", "MAX_RESULTS", "KnnRequest", "SearchRequest",
+__all__ = ["DEDUPLICATE_COSINE", "DEFAULT_NUM_IMAGES", "ENGINE_HEADER", "MAX_RESULTS", "KnnRequest", "SearchRequest",
            "SearchRoutes", "deduplicate", "embedding_query"]
 
 DEFAULT_NUM_IMAGES = 40  # the front's default
@@ -36,6 +37,7 @@ _DEDUP_BLOCK = 256
 # clip-retrieval fields this server accepts, whatever their value, and ignores: its mCLIP text model
 # (AltCLIP is multilingual already), its safety and violence classifiers and its aesthetic re-weighting
 # (models it does not load). Documentation only: nothing reads them.
+ENGINE_HEADER = "X-AltCLIP-Search"  # what answered a search: "exact" or "faiss" (--faiss)
 IGNORED = ("use_mclip", "use_safety_model", "use_violence_detector", "aesthetic_score", "aesthetic_weight")
 
 
@@ -104,7 +106,8 @@ class KnnRequest:
 class SearchRequest:
     """``POST /v1/search``: ``input`` (a text, a base64 image or an embedding, as ``modality`` says), the
     ``collection``, its ``index`` to search, ``top_k`` and ``thumbnails`` (off by default: a JSON client
-    rarely wants images in its answer)."""
+    rarely wants images in its answer); ``search`` ("exact" or "faiss") overrides what answers (by
+    default the collection's faiss index under ``--faiss``, else exact search)."""
 
     kind: str
     query: object
@@ -113,6 +116,7 @@ class SearchRequest:
     top_k: int
     model: str | None
     thumbnails: bool
+    search: str | None = None
 
     @classmethod
     def parse(cls, body: dict, default_name: str | None) -> SearchRequest:
@@ -121,9 +125,10 @@ class SearchRequest:
         name = field(body, "collection", str, default=default_name)
         if name is None:
             raise ApiError(422, "collection is required (this server has several)", param="collection")
+        search = choice(body, "search", ENGINES) if body.get("search") is not None else None
         return cls(kind, query, name, choice(body, "index", ("image", "text")),
                    _count(body, "top_k", DEFAULT_TOP_K, MAX_RESULTS), body.get("model"),
-                   bool(field(body, "thumbnails", bool, default=False)))
+                   bool(field(body, "thumbnails", bool, default=False)), search)
 
 
 def deduplicate(found: list[Found], rows: np.ndarray, threshold: float | None = None) -> list[Found]:
@@ -210,12 +215,15 @@ class SearchRoutes:
             coll = self.collection(req.indice_name, req.modality, "indice_name")
             param = {"text": "text", "image": "image", "embedding": "embedding_input"}[req.kind]
             row, _ = await self.query_row(request, req.kind, req.query, coll.dim, param)
-            found = await self.batcher.search(coll, req.modality, row, req.num_result_ids)
+            engine = coll.engine(req.modality)
+            found = await self.batcher.search(coll, req.modality, row, req.num_result_ids, engine)
             results = await self.collections.run(self._knn, coll, req, found)
             await self.thumbnails.add_off_loop(coll, [(r["id"], r) for r in results])
         except ApiError as exc:
             return self.routes.error(exc, route)
-        return self._json(route, results)
+        response = self._json(route, results)  # clip-retrieval's body: what answered goes in a header
+        response.headers[ENGINE_HEADER] = engine
+        return response
 
     @staticmethod
     def _knn(coll: Collection, req: KnnRequest, found: list[Found]) -> list[dict]:
@@ -258,8 +266,12 @@ class SearchRoutes:
             body = await self.routes.body(request)
             req = SearchRequest.parse(body, self._default())
             coll = self.collection(req.collection, req.index, "collection")
+            engine = req.search or coll.engine(req.index)
+            if engine == "faiss" and req.index not in coll.faiss:
+                raise ApiError(422, f"the collection {req.collection!r} has no faiss {req.index} index (see "
+                               "serve --faiss)", param="search")
             row, tokens = await self.query_row(request, req.kind, req.query, coll.dim, "input")
-            found = await self.batcher.search(coll, req.index, row, req.top_k)
+            found = await self.batcher.search(coll, req.index, row, req.top_k, engine)
             data = await self.collections.run(lambda: [
                 {"object": "search_result", "index": i, "score": f.score, "shard": f.shard, "row": f.row,
                  "id": f.id, "metadata": coll.metadata(f.shard, f.row)} for i, f in enumerate(found)])
@@ -267,7 +279,9 @@ class SearchRoutes:
                 await self._search_thumbnails(coll, data)
         except ApiError as exc:
             return self.routes.error(exc, route)
-        return self.routes.ok(route, data, req.model, tokens)
+        response = self.routes.ok(route, data, req.model, tokens, search=engine)
+        response.headers[ENGINE_HEADER] = engine
+        return response
 
     async def _search_thumbnails(self, coll: Collection, data: list[dict]) -> None:
         """``/v1/search``'s opt-in: a result's thumbnail as ``thumbnail`` beside its metadata (not in it,

@@ -20,7 +20,7 @@ from ... import environment
 from ...errors import UsageError
 
 __all__ = ["API_KEY_ENV", "HEALTH_TTL_S", "Listen", "ServeOptions", "add_arguments", "check_minimums", "cli_default",
-           "flag_fields", "parse_collections", "parse_origins", "served_name", "setting"]
+           "flag_fields", "parse_collections", "parse_faiss", "parse_origins", "served_name", "setting"]
 
 API_KEY_ENV = "ALTCLIP_FAST_API_KEY"
 HEALTH_TTL_S = 5.0
@@ -118,6 +118,11 @@ class ServeOptions:
         (), flag="--collection", group=SEARCH, cli_default=None,
         help="NAME=DIR: serve the collection embed --out-dir wrote in DIR under NAME, searched by /v1/search and "
              "clip-retrieval's /knn-service, /metadata and /indices-list (repeatable; none: no search routes)")
+    faiss: tuple[tuple[str, str | None], ...] = setting(
+        (), flag="--faiss", group=SEARCH, cli_default=None,
+        help="NAME or NAME=FOLDER: answer the searches of --collection NAME with the faiss index clip-retrieval "
+             "index wrote (image.index, text.index) in its DIR, or in FOLDER, instead of exact search (repeatable; "
+             "needs the [index] extra; /v1/search replies say which answered, in search)")
     thumbnail_size: int = setting(
         256, flag="--thumbnail-size", minimum=0, group=SEARCH,
         help="longest side in pixels of the JPEG thumbnails added to search results as 'image', for rows whose "
@@ -143,6 +148,7 @@ class ServeOptions:
         values["allow_hosts"] = tuple(values["allow_hosts"] or ())
         values["cors_allow_origins"] = parse_origins(values["cors_allow_origins"] or ())
         values["collections"] = parse_collections(values["collections"] or ())
+        values["faiss"] = parse_faiss(values["faiss"] or ())
         return cls(**{**values, **overrides})
 
 
@@ -173,6 +179,21 @@ def parse_origins(values) -> tuple[str, ...]:
             raise UsageError(f"--cors-allow-origin takes * or scheme://host[:port] (as a browser sends Origin), "
                              f"got {value!r}")
     return tuple(values)
+
+
+def parse_faiss(values) -> tuple[tuple[str, str | None], ...]:
+    """``--faiss NAME[=FOLDER]`` values as ``(name, folder or None)``; an empty name or a repeated one is a
+    UsageError (the name and the index files are checked when the collections are opened)."""
+    pairs: dict[str, str | None] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        name = name.strip()
+        if not name or (sep and not folder):
+            raise UsageError(f"--faiss takes NAME or NAME=FOLDER, got {value!r}")
+        if name in pairs:
+            raise UsageError(f"--faiss {name!r} is given twice")
+        pairs[name] = folder or None
+    return tuple(pairs.items())
 
 
 def served_name(model: str) -> str:

@@ -22,9 +22,9 @@ SEARCH_MAX_BATCH = 64
 
 
 class SearchBatcher:
-    """``await batcher.search(collection, index, row, k)``: one query's results, searched with the
-    other queries for the same index that arrive within ``wait_ms``. ``run(fn, *args)`` runs ``fn`` off
-    the event loop (``Collections.run``)."""
+    """``await batcher.search(collection, index, row, k, engine)``: one query's results, searched with the
+    other queries for the same index and engine ("exact" or "faiss") that arrive within ``wait_ms``.
+    ``run(fn, *args)`` runs ``fn`` off the event loop (``Collections.run``)."""
 
     def __init__(self, run: Callable[..., Awaitable], *, wait_ms: float = SEARCH_WAIT_MS,
                  max_batch: int = SEARCH_MAX_BATCH):
@@ -32,9 +32,9 @@ class SearchBatcher:
         self.pending: dict[tuple[str, str], list] = {}
         self.batches = 0  # groups searched (a test's window on the grouping)
 
-    async def search(self, collection, index: str, row: np.ndarray, k: int) -> list:
+    async def search(self, collection, index: str, row: np.ndarray, k: int, engine: str = "exact") -> list:
         loop = asyncio.get_running_loop()
-        key = (collection.name, index)
+        key = (collection.name, index, engine)
         future = loop.create_future()
         group = self.pending.setdefault(key, [])
         group.append((row, k, future))
@@ -50,17 +50,17 @@ class SearchBatcher:
         if current is None or (group is not None and current is not group):
             return  # already searched, by the size limit
         del self.pending[key]
-        task = asyncio.ensure_future(self._flush(collection, key[1], current))
+        task = asyncio.ensure_future(self._flush(collection, key[1:], current))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _flush(self, collection, index: str, group: list) -> None:
+    async def _flush(self, collection, how: tuple[str, str], group: list) -> None:
         live = [(row, k, f) for row, k, f in group if not f.done()]  # a cancelled request is dropped
         if not live:
             return
         self.batches += 1
         queries = np.stack([row for row, _, _ in live])
         try:
-            found = await self.run(collection.search, index, queries, max(k for _, k, _ in live))
+            found = await self.run(collection.search, how[0], queries, max(k for _, k, _ in live), how[1])
         except Exception as exc:  # every query of the group fails with it
             for _, _, future in live:
                 if not future.done():

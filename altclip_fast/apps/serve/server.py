@@ -91,7 +91,7 @@ def run(args, session_factory) -> int:
     """Load the model, bind, serve until SIGTERM/SIGINT (finishing requests in flight), return 0."""
     check_serve_dependencies()
     options = ServeOptions.from_args(args)
-    collections = Collections(options.collections)  # a bad collection fails before the model loads
+    collections = Collections(options.collections, options.faiss)  # a bad collection fails before the model loads
     import uvicorn
 
     sock = bind(Listen.from_args(args))

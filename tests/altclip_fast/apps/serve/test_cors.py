@@ -33,6 +33,9 @@ def test_the_fronts_requests_get_cors_headers_for_its_origin(knn_client):
     assert "content-type" in preflight.headers["access-control-allow-headers"].lower()
     assert listed.headers[ALLOW] == FRONT and listed.json() == ["coll"]
     assert found.status_code == 200 and found.headers[ALLOW] == FRONT and len(found.json()) == 2
+    # which search answered is readable by the page (browsers hide headers not exposed)
+    assert found.headers["x-altclip-search"] == "exact"
+    assert "x-altclip-search" in found.headers["access-control-expose-headers"].lower()
     assert other.status_code == 400 and ALLOW not in other.headers
 
 

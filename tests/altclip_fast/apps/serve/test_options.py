@@ -66,7 +66,7 @@ def test_the_generated_flags_are_the_hand_written_ones():
     assert groups["connections and hosts"] == ["--allow-host", "--max-connections", "--timeout-keep-alive",
                                                "--timeout-header", "--timeout-body", "--timeout-graceful-shutdown",
                                                "--cors-allow-origin"]
-    assert groups["search service"] == ["--collection", "--thumbnail-size", "--thumbnail-cache-mb"]
+    assert groups["search service"] == ["--collection", "--faiss", "--thumbnail-size", "--thumbnail-cache-mb"]
     cors = actions["--cors-allow-origin"]
     assert (cors.dest, cors.default, cors.metavar) == ("cors_allow_origins", None, "ORIGIN")
     assert _parser().parse_args(["--cors-allow-origin", "*", "--cors-allow-origin", "http://a:1"]
@@ -200,3 +200,15 @@ def test_bad_collections_are_one_line_usage_errors(tmp_path, values, message):
     with pytest.raises(UsageError) as caught:
         ServeOptions.from_args(_parser().parse_args(argv))
     assert str(caught.value) == message.replace("MISSING", str(tmp_path / "missing"))
+
+
+def test_faiss_takes_a_name_or_a_name_and_a_folder(tmp_path):
+    args = _parser().parse_args(["--collection", f"one={tmp_path}", "--faiss", "one", "--faiss", "two=/x/idx"])
+    assert ServeOptions.from_args(args).faiss == (("one", None), ("two", "/x/idx"))  # names checked on opening
+    assert ServeOptions.from_args(_parser().parse_args([])).faiss == ()
+    for values, message in ((["=x"], "--faiss takes NAME or NAME=FOLDER, got '=x'"),
+                            (["a="], "--faiss takes NAME or NAME=FOLDER, got 'a='"),
+                            (["a", "a=/y"], "--faiss 'a' is given twice")):
+        with pytest.raises(UsageError) as caught:
+            ServeOptions.from_args(_parser().parse_args([a for v in values for a in ("--faiss", v)]))
+        assert str(caught.value) == message

@@ -33,6 +33,8 @@ VARIABLES = {v.name: v for v in (
              "Triton backend GEMMs: auto (timed per shape on the first call), triton or torch."),
     Variable("ALTCLIP_FAST_CPU_HALF_GEMM", "auto", "altclip_fast.ops.cpu_half",
              "bf16/fp16 GEMMs on CPU: auto (upcast where the CPU has no native bf16), native or fp32."),
+    Variable("ALTCLIP_FAST_CPU_FP32_GEMM", "auto", "altclip_fast.ops.cpu_fp32_gemm",
+             "fp32 GEMMs on CPU: auto (oneDNN or torch's BLAS, whichever a timed GEMM finds faster), onednn or blas."),
     Variable("ALTCLIP_FAST_AUTOTUNE_LIMIT", "", "altclip_fast.kernels._runtime",
              "Autotune only the first N configs of each kernel (empty: all of them)."),
     Variable("ALTCLIP_FAST_API_KEY", "", "altclip_fast.apps.serve.options",

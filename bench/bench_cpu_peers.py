@@ -270,6 +270,14 @@ def gemm_ceiling(rows: int, threads: int, names: list[str]) -> dict:
     x32, w32 = torch.randn(rows, k), torch.randn(n, k) / 32
     runners = {"torch bf16 F.linear": (lambda x=x32.bfloat16(), w=w32.bfloat16(): torch.nn.functional.linear(x, w)),
                "torch fp32 F.linear": lambda: torch.nn.functional.linear(x32, w32)}
+    from altclip_fast.ops import onednn
+
+    if onednn.prepack_works(torch.bfloat16):  # what altclip-fast's bf16 GEMMs run: oneDNN, pre-blocked weight
+        op, x16, packed16 = onednn.fused_linear(), x32.bfloat16(), onednn.prepack(w32.bfloat16())
+        runners["altclip-fast bf16 (oneDNN fused linear, pre-packed)"] = lambda: op(x16, packed16, None, "none", [], None)
+    if onednn.fused_linear_works(torch.float32):  # what its fp32 GEMMs run where oneDNN wins (plain weight)
+        op = onednn.fused_linear()
+        runners["altclip-fast fp32 (oneDNN fused linear)"] = lambda: op(x32, w32, None, "none", [], None)
     if torch.backends.mkldnn.is_available():
         import torch.utils.mkldnn
 
@@ -308,6 +316,76 @@ def gemm_ceiling(rows: int, threads: int, names: list[str]) -> dict:
     return {name: round(flop * r["per_s"] / 1e9, 1) for name, r in result.items() if isinstance(r, dict)}
 
 
+# ---------------------------------------------------------------------------------------------- FLOPs, profile
+
+
+def model_flops(config, sequence_lengths: list[int], tower: str) -> float:
+    """Multiply-add FLOPs (x2) of one tower's encoder on these sequences: its GEMMs (QKV, output, MLP) and
+    its attention products. Embeddings, norms, pooling and the projection are left out (under 1%)."""
+    c = config.vision_config if tower == "vision" else config.text_config
+    h, ffn, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    tokens = sum(sequence_lengths)
+    gemm = 2 * tokens * (4 * h * h + 2 * h * ffn)
+    attention = sum(4 * n * n * h for n in sequence_lengths)
+    return layers * (gemm + attention)
+
+
+def workload_flops(config, name: str, items: int, args) -> float | None:
+    """FLOPs of one call of a workload (``workloads``' names), or None."""
+    from altclip_fast.apps.benchmark import mixed_length_texts
+
+    vc = config.vision_config
+    if name.startswith("images"):
+        return model_flops(config, [(vc.image_size // vc.patch_size) ** 2 + 1] * items, "vision")
+    _, mask = mixed_length_texts(config, args.texts, args.min_tokens, args.max_tokens, args.seed)
+    return model_flops(config, mask.sum(dim=1).tolist(), "text")
+
+
+# torch profiler op names -> where the time goes
+_CATEGORIES = (("GEMM", ("linear", "addmm", "::mm", "bmm", "matmul", "conv")),
+               ("attention", ("scaled_dot_product", "flash_attention")),
+               ("LayerNorm", ("layer_norm",)),
+               ("activation", ("gelu", "silu", "sigmoid")),
+               ("copies", ("copy", "index_select", "index_copy", "cat", "contiguous", "clone")),
+               ("elementwise", ("add", "mul", "div", "sub")))
+
+
+def profile_fast(engine, pixels) -> dict:
+    """Self CPU time of altclip-fast's ops on one image batch, by category (milliseconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine[0](pixels)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine[0](pixels)
+    found: dict[str, float] = {}
+    for event in prof.key_averages():
+        category = next((c for c, keys in _CATEGORIES if any(k in event.key for k in keys)), "other")
+        found[category] = found.get(category, 0.0) + event.self_cpu_time_total / 1e3
+    return {k: round(v, 1) for k, v in sorted(found.items(), key=lambda kv: -kv[1])}
+
+
+def profile_openvino(hf32, pixels, threads: int) -> dict:
+    """OpenVINO's own per-node timing (its PERF_COUNT property) on one image batch, by node type and kernel
+    (milliseconds): what it fuses shows as one node (e.g. attention as a "Subgraph")."""
+    import openvino as ov
+    import torch
+
+    image_tower, _ = tower_modules(hf32)
+    with torch.no_grad():
+        model = ov.convert_model(image_tower, example_input=(pixels[:2],))
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERF_COUNT": "YES",
+                                                       "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    request.infer([pixels.numpy()])
+    request.infer([pixels.numpy()])
+    found: dict[str, float] = {}
+    for node in request.get_profiling_info():
+        key = f"{node.node_type} ({node.exec_type})"
+        found[key] = found.get(key, 0.0) + node.real_time.total_seconds() * 1e3
+    top = sorted(found.items(), key=lambda kv: -kv[1])
+    return {k: round(v, 1) for k, v in top if v >= 0.5}
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -326,6 +404,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sorted-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gemm", action="store_true", help="also measure one MLP-shaped GEMM per library")
+    parser.add_argument("--profile", type=int, metavar="IMAGES", default=0,
+                        help="also profile altclip-fast (torch profiler) and OpenVINO (PERF_COUNT) on this many images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -360,12 +440,24 @@ def main(argv=None) -> int:
         measured = measure(runners, items, args.rounds, "cpu")
         row = {"workload": name, "unit": unit,
                **{engine: round(measured[engine]["per_s"], 3) for engine in engines}}
+        flops = workload_flops(config, name, items, args)
+        if flops:  # model FLOPs per second, to hold against the GEMM ceiling
+            row["gflops"] = {engine: round(flops * measured[engine]["per_s"] / items / 1e9, 1) for engine in engines}
         results["workloads"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     if args.json:  # written before the GEMMs too, so that a failure there keeps the table
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.gemm:
         results["gemm_gflops"] = gemm_ceiling(8 * (vc.image_size // vc.patch_size) ** 2 + 8, threads, names)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.profile:
+        pixels = torch.randn((args.profile, vc.num_channels, vc.image_size, vc.image_size))
+        results["profile_ms"] = {e: profile_fast(engines[e], pixels) for e in ("fast-bf16", "fast-fp32") if e in engines}
+        if "ov" in names or "ov-f32" in names:
+            engines.clear()  # OpenVINO compiles another copy of the model: make room
+            hf32 = load_transformers(model_dir, torch.float32)
+            results["profile_ms"]["ov (PERF_COUNT)"] = profile_openvino(hf32, pixels, threads)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
     print_table(results, names)
@@ -382,6 +474,13 @@ def print_table(results: dict, names: list[str]) -> None:
         cells = [f"{w[name]:.2f} ({w[name] / w[base]:.2f}x)" for w in results["workloads"]]
         acc = results["accuracy"][name]
         print(f"| {name} | " + " | ".join(cells) + f" | {acc['images']:.5f} / {acc['texts']:.5f} |")
+    print("\nModel GFLOP/s (encoder GEMMs and attention products per second):\n")
+    print("| engine | " + " | ".join(w["workload"] for w in results["workloads"] if "gflops" in w) + " |")
+    print("| --- |" + " --- |" * sum("gflops" in w for w in results["workloads"]))
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{w['gflops'][name]:.0f}" for w in results["workloads"] if "gflops" in w) + " |")
+    for engine, where in results.get("profile_ms", {}).items():
+        print(f"\nProfile of {engine}, one call (ms): " + ", ".join(f"{k} {v}" for k, v in where.items()))
     if "gemm_gflops" in results:
         print("\n| GEMM | GFLOP/s |\n| --- | --- |")
         for name, value in sorted(results["gemm_gflops"].items(), key=lambda kv: -kv[1]):

@@ -2,13 +2,15 @@
 
 A model resolves its backend once, when it is built or loaded, moved (``.to()``, ``.half()``, ...) or
 given another ``backend``: ``resolve_backend`` picks the name and ``get_ops`` the op set. The
-environment (``ALTCLIP_FAST_BACKEND``, ``ALTCLIP_FAST_GEMM``, ``ALTCLIP_FAST_CPU_HALF_GEMM``) is read then, not on every call.
+environment (``ALTCLIP_FAST_BACKEND``, ``ALTCLIP_FAST_GEMM``, ``ALTCLIP_FAST_CPU_HALF_GEMM``,
+``ALTCLIP_FAST_CPU_FP32_GEMM``) is read then, not on every call.
 
 Backends:
 
 - ``"torch"`` (``torch_backend``): plain torch; on CPU in bf16/fp16 oneDNN's fused GEMM epilogues on
   pre-blocked weights (``onednn``), or fp32 GEMMs where the CPU has no instructions for the half
-  dtype (``cpu_half``). The default for CPU tensors.
+  dtype (``cpu_half``); fp32 GEMMs on oneDNN or torch's BLAS, whichever this CPU runs faster
+  (``cpu_fp32_gemm``). The default for CPU tensors.
 - ``"triton"`` (``triton_backend``): the kernels of ``altclip_fast.kernels``. The default for CUDA
   tensors. Without CUDA it runs them under Triton's interpreter (slow: for tests that drive the whole
   model through the kernels). Triton is imported only when this backend is used.
@@ -24,6 +26,7 @@ from typing import Protocol
 
 import torch
 
+from .cpu_fp32_gemm import cpu_fp32_gemm_mode
 from .cpu_half import cpu_half_mode
 from .gemm_choice import gemm_mode
 from .layouts import PackedLayout, PaddedLayout, explicit_attention
@@ -107,23 +110,25 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     return name
 
 
-def get_ops(backend: str, *, gemm: str | None = None, cpu_half_gemm: str | None = None) -> Ops:
+def get_ops(backend: str, *, gemm: str | None = None, cpu_half_gemm: str | None = None,
+            cpu_fp32_gemm: str | None = None) -> Ops:
     """The op set of a resolved backend name (``"torch"`` or ``"triton"``). ``gemm`` (Triton only):
     ``auto``, ``triton`` or ``torch``, else ``$ALTCLIP_FAST_GEMM``. ``cpu_half_gemm`` (torch only):
-    ``auto``, ``native`` or ``fp32``, else ``$ALTCLIP_FAST_CPU_HALF_GEMM``. Op sets are shared: one per
-    backend and mode, so measured GEMM choices serve every model."""
+    ``auto``, ``native`` or ``fp32``, else ``$ALTCLIP_FAST_CPU_HALF_GEMM``. ``cpu_fp32_gemm`` (torch
+    only): ``auto``, ``onednn`` or ``blas``, else ``$ALTCLIP_FAST_CPU_FP32_GEMM``. Op sets are shared:
+    one per backend and mode, so measured GEMM choices serve every model."""
     if backend == "torch":
-        return _torch_ops(cpu_half_mode(cpu_half_gemm))
+        return _torch_ops(cpu_half_mode(cpu_half_gemm), cpu_fp32_gemm_mode(cpu_fp32_gemm))
     if backend == "triton":
         return _triton_ops(gemm_mode(gemm))
     raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
 
 
 @functools.cache
-def _torch_ops(cpu_half_gemm: str):
+def _torch_ops(cpu_half_gemm: str, cpu_fp32_gemm: str):
     from .torch_backend import TorchOps
 
-    return TorchOps(cpu_half_gemm)
+    return TorchOps(cpu_half_gemm, cpu_fp32_gemm)
 
 
 @functools.cache

@@ -3,13 +3,15 @@
 On CPU in bf16/fp16 (where ``onednn`` probes show it works) a linear runs as one oneDNN GEMM with its
 bias and activation, or its residual add, fused, on weights pre-blocked for oneDNN by the prepare
 step. On a CPU without instructions for the half dtype, GEMMs of many rows run in fp32 instead
-(``cpu_half``), and nothing is pre-blocked or folded: there it gains nothing (bench/bench_cpu_half.py). fp32 stays on MKL's GEMM with the epilogue applied in place: MKL's fp32 GEMMs beat oneDNN's at
-AltCLIP shapes by more than the fusion saves (bench/RESULTS.md). Attention is
-``F.scaled_dot_product_attention``.
+(``cpu_half``), and nothing is pre-blocked or folded: there it gains nothing (bench/bench_cpu_half.py).
+fp32 GEMMs (the model's, and the upcast ones) run on whichever of oneDNN's fused linear and torch's
+BLAS GEMM is faster on this CPU (``cpu_fp32_gemm``: measured, not assumed), on the plain weights: a
+pre-blocked fp32 copy would double the GEMM weights' memory for a few percent (bench/RESULTS.md).
+Attention is ``F.scaled_dot_product_attention``.
 
 oneDNN fuses SiLU but not quick_gelu. Since ``quick_gelu(y) = silu(a*y) / a`` (``a = QUICK_GELU_ALPHA``),
 an MLP whose fc1 weight and bias are scaled by ``a`` and whose fc2 weight is scaled by ``1/a`` computes
-the same thing with SiLU: ``prepare_mlp`` derives those scaled copies where the GEMMs are fused.
+the same thing with SiLU: ``prepare_mlp`` derives those scaled copies where half GEMMs are fused.
 (oneDNN's "swish" ignores an alpha argument, so the scale cannot go into the op instead.)
 """
 
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from ..kernels.activations import ACTIVATIONS as _KERNEL_ACTIVATIONS, QUICK_GELU_ALPHA
 from . import cpu_half, onednn
+from .cpu_fp32_gemm import cpu_fp32_gemm_mode, fp32_uses_onednn
 from .layouts import PackedLayout, padded_kv, padded_qkv
 
 __all__ = ["TorchOps", "ACTIVATIONS", "QUICK_GELU_FOLD"]
@@ -64,10 +67,10 @@ def torch_linear(x, weight, bias=None, activation=None, residual=None):
     return y if residual is None else y.add_(residual)
 
 
-def upcast_linear(x, weight, bias=None, activation=None, residual=None):
-    """``torch_linear`` computed in fp32 on exactly upcast operands, rounded once to ``x.dtype``."""
+def upcast_linear(x, weight, bias=None, activation=None, residual=None, *, fp32_linear=torch_linear):
+    """``fp32_linear`` (``torch_linear`` by default) on exactly upcast operands, rounded once to ``x.dtype``."""
     up = lambda t: None if t is None else t.float()  # noqa: E731
-    return torch_linear(up(x), up(weight), up(bias), activation, up(residual)).to(x.dtype)
+    return fp32_linear(up(x), up(weight), up(bias), activation=activation, residual=up(residual)).to(x.dtype)
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -86,21 +89,27 @@ class TorchOps:
 
     name = "torch"
 
-    def __init__(self, cpu_half_gemm: str = "auto"):
+    def __init__(self, cpu_half_gemm: str = "auto", cpu_fp32_gemm: str = "auto"):
         self.cpu_half_gemm = cpu_half.cpu_half_mode(cpu_half_gemm)
+        self.cpu_fp32_gemm = cpu_fp32_gemm_mode(cpu_fp32_gemm)
 
     def _upcasts(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether half GEMMs on this device run in fp32 past ``cpu_half.UPCAST_FROM_ROWS`` rows."""
         return cpu_half.upcasts(self.cpu_half_gemm, device, dtype)
 
     def _prepares(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether the prepare step derives oneDNN forms (pre-blocked, quick_gelu folded) for this dtype."""
-        return self._onednn(device, dtype) and not self._upcasts(device, dtype)
+        """Whether the prepare step derives oneDNN forms (pre-blocked, quick_gelu folded) for this dtype:
+        half dtypes only (fp32 runs the parameters themselves)."""
+        return dtype != torch.float32 and self._onednn(device, dtype) and not self._upcasts(device, dtype)
 
-    @staticmethod
-    def _onednn(device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether GEMMs of this device and dtype run fused in oneDNN (CPU bf16/fp16, where it works)."""
-        return device.type == "cpu" and dtype != torch.float32 and onednn.fused_linear_works(dtype)
+    def _onednn(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether GEMMs of this device and dtype run fused in oneDNN: CPU bf16/fp16 where it works,
+        CPU fp32 where it is the faster library (``cpu_fp32_gemm``)."""
+        if device.type != "cpu":
+            return False
+        if dtype == torch.float32:
+            return fp32_uses_onednn(self.cpu_fp32_gemm)
+        return onednn.fused_linear_works(dtype)
 
     # -- prepare step ----------------------------------------------------------------------------
 
@@ -122,7 +131,7 @@ class TorchOps:
         _check_activation(activation)
         packed = onednn.is_prepacked(weight)
         if not packed and _rows(x) >= cpu_half.UPCAST_FROM_ROWS and self._upcasts(x.device, x.dtype):
-            return upcast_linear(x, weight, bias, activation, residual)
+            return upcast_linear(x, weight, bias, activation, residual, fp32_linear=self.linear)
         if packed or (self._onednn(x.device, x.dtype) and (activation is None or residual is None)):
             op = onednn.fused_linear()
             if residual is not None and activation is None:

@@ -60,11 +60,14 @@ def check_three_way(checkpoint, batch, fp32_answer, dtype, device):
     assert rel_err(features / features.norm(dim=-1, keepdim=True), mine.image_embeds) < 4 * FLOOR[dtype]
 
 
-@pytest.mark.parametrize("half_gemm", ["native", "fp32"])
+@pytest.mark.parametrize("half_gemm", ["native", "fp32-onednn", "fp32-blas"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cpu_low_precision(checkpoint, batch, fp32_answer, dtype, half_gemm, monkeypatch):
-    # Both ways a CPU runs half GEMMs (altclip_fast/ops/cpu_half.py), whichever this CPU picks by itself.
-    monkeypatch.setenv("ALTCLIP_FAST_CPU_HALF_GEMM", half_gemm)
+    # Every way a CPU runs half GEMMs, whichever this CPU picks by itself: native (altclip_fast/ops/
+    # cpu_half.py), or upcast to fp32 GEMMs on either fp32 library (ops/cpu_fp32_gemm.py).
+    mode, _, library = half_gemm.partition("-")
+    monkeypatch.setenv("ALTCLIP_FAST_CPU_HALF_GEMM", mode)
+    monkeypatch.setenv("ALTCLIP_FAST_CPU_FP32_GEMM", library or "auto")
     check_three_way(checkpoint, batch, fp32_answer, dtype, "cpu")
 
 

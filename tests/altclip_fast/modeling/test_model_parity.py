@@ -14,6 +14,7 @@ import torch
 import altclip_fast.reference as reference
 from altclip_fast.modeling import model as fast
 from altclip_fast.modeling.config import AltCLIPConfig
+from altclip_fast.ops import onednn
 from tests.checkpoints import MIXED_LENGTHS, ODD_CONFIGS, make_pixels, make_text_batch, random_hf_model, save_hf
 from tests.parity import logits_err, rel_err
 
@@ -86,6 +87,36 @@ def test_forward_matches_reference_and_transformers(trio):
                    hf(**batch, return_loss=True, output_hidden_states=True)):
         assert_model_close(mine, oracle, hf.logit_scale, real, hidden_states=True)
         assert abs(mine.loss.item() - oracle.loss.item()) < 1e-5 * max(1.0, abs(oracle.loss.item()))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("library", ["onednn", "blas"])
+def test_both_cpu_fp32_gemm_libraries_match(trio, library, monkeypatch):
+    """fp32 GEMMs run on oneDNN's fused linear or torch's BLAS, whichever this CPU runs faster
+    (ops/cpu_fp32_gemm.py): each, forced, stays within the bound, and is the one that runs."""
+    config, hf, ref, ours = trio
+    if library == "onednn" and not onednn.fused_linear_works(torch.float32):
+        pytest.skip("oneDNN's fused linear is unavailable in this torch build")
+    real_op, calls = onednn.fused_linear(), []
+
+    class Spy:  # records the input dtype of each oneDNN GEMM
+        def __call__(self, *args):
+            return calls.append(args[0].dtype) or real_op(*args)
+
+        def binary(self, *args):
+            return calls.append(args[0].dtype) or real_op.binary(*args)
+
+    monkeypatch.setattr(onednn, "fused_linear", Spy)
+    monkeypatch.setenv("ALTCLIP_FAST_CPU_FP32_GEMM", library)
+    try:
+        ours.backend = ours.backend  # re-resolves the op set: the variable is read now
+        batch = batch_of(config, lengths=LENGTHS[:3])
+        mine = ours(**batch)
+        assert_model_close(mine, ref(**batch), hf.logit_scale, batch["attention_mask"].bool())
+        assert (torch.float32 in calls) == (library == "onednn")
+    finally:
+        monkeypatch.undo()
+        ours.backend = ours.backend
 
 
 @torch.no_grad()

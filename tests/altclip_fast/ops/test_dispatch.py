@@ -28,7 +28,7 @@ def torch_ops(request, monkeypatch):
     if request.param == "plain":
         monkeypatch.setattr(TorchOps, "_onednn", staticmethod(lambda device, dtype: False))
     elif onednn.fused_linear_works(torch.float32):
-        # The model fuses only bf16/fp16 GEMMs (fp32 is faster on MKL); fp32 checks the same code exactly.
+        # Forced for fp32 too (where the model fuses fp32 only if oneDNN is the faster library here).
         monkeypatch.setattr(TorchOps, "_onednn", staticmethod(lambda device, dtype: device.type == "cpu"))
     else:
         pytest.skip("oneDNN fused linear unavailable here")
@@ -243,15 +243,15 @@ def test_folded_quick_gelu_mlp_is_quick_gelu(torch_ops):
 
 
 class _Fold:
-    """The torch ops with their fp32 GEMMs treated as fused, so prepare_mlp folds (and only that: no
-    pre-blocking, which fp32 does not have)."""
+    """The torch ops with their prepare step switched on for fp32, so prepare_mlp folds (and only that:
+    no pre-blocking; the model itself derives neither in fp32)."""
 
     def __init__(self, ops):
         self._ops = ops
 
     def prepare_mlp(self, *args, **kwargs):
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(TorchOps, "_onednn", staticmethod(lambda device, dtype: True))
+            m.setattr(TorchOps, "_prepares", lambda self, device, dtype: True)
             return self._ops.prepare_mlp(*args, **kwargs)
 
     def prepare_weight(self, weight):

@@ -119,19 +119,26 @@ def build_hf(model_dir: Path, dtype, compiled: bool):
     return torch_engine(image_tower, text_tower, dtype)
 
 
-def build_openvino(hf32, example, threads: int, precision: str | None):
+def convert_openvino(hf32, example):
+    """The two towers as OpenVINO models (converted once; each precision compiles its own copy)."""
     import openvino as ov
     import torch
+
+    image_tower, text_tower = tower_modules(hf32)
+    pixels, ids, mask = example
+    with torch.no_grad():
+        return (ov.convert_model(image_tower, example_input=(pixels,)),
+                ov.convert_model(text_tower, example_input=(ids, mask)))
+
+
+def build_openvino(converted, threads: int, precision: str | None):
+    import openvino as ov
 
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if precision:
         config["INFERENCE_PRECISION_HINT"] = precision
-    image_tower, text_tower = tower_modules(hf32)
-    pixels, ids, mask = example
-    with torch.no_grad():
-        image_model = ov.convert_model(image_tower, example_input=(pixels,))
-        text_model = ov.convert_model(text_tower, example_input=(ids, mask))
+    image_model, text_model = converted
     image_c = core.compile_model(image_model, "CPU", config)
     text_c = core.compile_model(text_model, "CPU", config)
     return (lambda p: image_c([p.numpy()])[0].astype("float32"),
@@ -177,7 +184,7 @@ def build_onnxruntime(paths: tuple[Path, Path], threads: int, int8: bool, folder
 def build_engines(names: list[str], model_dir: Path, example, threads: int, work: Path) -> dict:
     import torch
 
-    engines, hf32, onnx_paths = {}, None, None
+    engines, hf32, onnx_paths, ov_models = {}, None, None, None
     for name in names:
         started = time.perf_counter()
         if name == "fast-bf16":
@@ -189,7 +196,8 @@ def build_engines(names: list[str], model_dir: Path, example, threads: int, work
         else:
             hf32 = hf32 if hf32 is not None else load_transformers(model_dir, torch.float32)
             if name in ("ov", "ov-f32"):
-                engines[name] = build_openvino(hf32, example, threads, "f32" if name == "ov-f32" else None)
+                ov_models = ov_models or convert_openvino(hf32, example)
+                engines[name] = build_openvino(ov_models, threads, "f32" if name == "ov-f32" else None)
             else:
                 onnx_paths = onnx_paths or export_onnx(hf32, example, work)
                 engines[name] = build_onnxruntime(onnx_paths, threads, name == "ort-int8", work)

@@ -6,13 +6,52 @@ model. Rows come back L2-normalised as float32; a batch with non-finite rows fai
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import faults
 from .batching import BatchFailed
 from .tokens import TextTokens
 
-__all__ = ["ServedModel"]
+__all__ = ["FEW_CORES", "ServedModel", "available_cpus", "model_threads", "use_model_threads"]
+
+# Up to this many cores, the server leaves one to everything that is not the forward pass (see model_threads).
+FEW_CORES = 4
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask, as a container's cpuset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def model_threads(requested: int, cpus: int) -> int | None:
+    """The forward pass's thread count for ``--threads requested`` on ``cpus`` cores; ``None``: torch's choice.
+
+    0 (automatic): on ``FEW_CORES`` or fewer, one core less than there are. The event loop, the prep
+    threads (tokenizing, JSON) and, often, the clients share the cores with the model; the model's
+    OpenMP threads split every GEMM evenly and wait for each other at the end, so each preemption of
+    one of them stalls the others (spinning), and on 2 cores under load 2 threads ran slower than 1
+    (bench/RESULTS.md, "Where the server lost its text throughput")."""
+    if requested:
+        return requested
+    return max(1, cpus - 1) if cpus <= FEW_CORES else None
+
+
+def use_model_threads(requested: int, device) -> int | None:
+    """Sets torch's CPU thread count for the forward pass (``--threads``); returns it (``None``: unchanged,
+    as on a GPU)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cpu":
+        return None
+    threads = model_threads(requested, available_cpus())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads
 
 
 class ServedModel:

@@ -14,10 +14,7 @@ from .. import faults
 from .batching import BatchFailed
 from .tokens import TextTokens
 
-__all__ = ["FEW_CORES", "ServedModel", "available_cpus", "model_threads", "use_model_threads"]
-
-# Up to this many cores, the server leaves one to everything that is not the forward pass (see model_threads).
-FEW_CORES = 4
+__all__ = ["ServedModel", "available_cpus", "model_threads", "use_model_threads"]
 
 
 def available_cpus() -> int:
@@ -28,17 +25,19 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def model_threads(requested: int, cpus: int) -> int | None:
-    """The forward pass's thread count for ``--threads requested`` on ``cpus`` cores; ``None``: torch's choice.
+def model_threads(requested: int, cpus: int, current: int) -> int | None:
+    """The forward pass's thread count for ``--threads requested`` on ``cpus`` cores, torch's count being
+    ``current``; ``None``: leave it.
 
-    0 (automatic): on ``FEW_CORES`` or fewer, one core less than there are. The event loop, the prep
-    threads (tokenizing, JSON) and, often, the clients share the cores with the model; the model's
-    OpenMP threads split every GEMM evenly and wait for each other at the end, so each preemption of
-    one of them stalls the others (spinning), and on 2 cores under load 2 threads ran slower than 1
-    (bench/RESULTS.md, "Where the server lost its text throughput")."""
+    0 (the default) leaves torch's choice (a thread per core) unless it exceeds ``cpus``: torch counts the
+    machine's cores, not those an affinity mask or a cpuset allows, and more threads than cores stall
+    at every parallel step. Leaving one core of two to the event loop, the prep
+    threads and the clients was measured and gained nothing: on 2 cores at 32 clients the model thread
+    costs the same CPU per text either way, and 2 threads took more of a shared machine than 1
+    (bench/RESULTS.md, "Where the server's text throughput goes")."""
     if requested:
         return requested
-    return max(1, cpus - 1) if cpus <= FEW_CORES else None
+    return cpus if current > cpus else None
 
 
 def use_model_threads(requested: int, device) -> int | None:
@@ -48,7 +47,7 @@ def use_model_threads(requested: int, device) -> int | None:
 
     if getattr(device, "type", str(device)) != "cpu":
         return None
-    threads = model_threads(requested, available_cpus())
+    threads = model_threads(requested, available_cpus(), torch.get_num_threads())
     if threads is not None:
         torch.set_num_threads(threads)
     return threads

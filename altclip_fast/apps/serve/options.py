@@ -94,9 +94,8 @@ class ServeOptions:
     preprocess_workers: int = setting(default_factory=_default_workers, flag="--preprocess-workers", minimum=1,
                                       help="threads that tokenize and decode images (default: up to 4)")
     threads: int = setting(0, flag="--threads", minimum=0,
-                           help="CPU threads of the model's forward pass (default: 0, automatic: with 4 or fewer "
-                                "cores one is left to the event loop, tokenizing and the HTTP work, so that the "
-                                "model's threads are not preempted at every parallel step; with more, torch's choice)")
+                           help="CPU threads of the model's forward pass (default: 0, torch's choice, a thread "
+                                "per core, at most the cores this process may use)")
     max_request_pixels: int = setting(
         120_000_000, flag="--max-request-pixels", minimum=1,
         help="image pixels per request, summed from the image headers before any is decoded, else 413 "

@@ -9,16 +9,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from altclip_fast.apps.serve.model import FEW_CORES, available_cpus, model_threads, use_model_threads  # noqa: E402
+from altclip_fast.apps.serve.model import available_cpus, model_threads, use_model_threads  # noqa: E402
 
 
-@pytest.mark.parametrize(("requested", "cpus", "expected"), [
-    (0, 1, 1), (0, 2, 1), (0, 3, 2), (0, FEW_CORES, FEW_CORES - 1),  # few cores: one left to the rest
-    (0, FEW_CORES + 1, None), (0, 64, None),  # many: torch's own choice
-    (2, 2, 2), (1, 64, 1), (8, 2, 8),  # asked for: as asked
+@pytest.mark.parametrize(("requested", "cpus", "current", "expected"), [
+    (0, 2, 2, None), (0, 64, 32, None),  # torch's own choice fits: left alone
+    (0, 2, 16, 2), (0, 1, 2, 1),  # more threads than the cores this process may use: capped
+    (2, 2, 2, 2), (1, 64, 32, 1), (8, 2, 2, 8),  # asked for: as asked
 ])
-def test_the_thread_rule(requested, cpus, expected):
-    assert model_threads(requested, cpus) == expected
+def test_the_thread_rule(requested, cpus, current, expected):
+    assert model_threads(requested, cpus, current) == expected
 
 
 def test_available_cpus_counts_the_affinity_mask():
@@ -44,11 +44,14 @@ def test_the_setting_reaches_the_model_thread(restore_threads, requested):
     assert torch.get_num_threads() == requested
 
 
-def test_automatic_threads_follow_the_rule(restore_threads):
-    torch.set_num_threads(7)
-    expected = model_threads(0, available_cpus())
+@pytest.mark.parametrize("current", [1, 64])
+def test_automatic_threads_follow_the_rule(restore_threads, current):
+    torch.set_num_threads(current)
+    expected = model_threads(0, available_cpus(), current)
     assert use_model_threads(0, torch.device("cpu")) == expected
-    assert torch.get_num_threads() == (7 if expected is None else expected)
+    assert torch.get_num_threads() == (current if expected is None else expected)
+    if current > available_cpus():  # never more threads than cores to run them
+        assert expected == torch.get_num_threads() == available_cpus()
 
 
 def test_a_gpu_model_leaves_the_cpu_threads_alone(restore_threads):

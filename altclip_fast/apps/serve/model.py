@@ -29,12 +29,12 @@ def model_threads(requested: int, cpus: int, current: int) -> int | None:
     """The forward pass's thread count for ``--threads requested`` on ``cpus`` cores, torch's count being
     ``current``; ``None``: leave it.
 
-    0 (the default) leaves torch's choice (a thread per core) unless it exceeds ``cpus``: torch counts the
-    machine's cores, not those an affinity mask or a cpuset allows, and more threads than cores stall
-    at every parallel step. Leaving one core of two to the event loop, the prep
-    threads and the clients was measured and gained nothing: on 2 cores at 32 clients the model thread
-    costs the same CPU per text either way, and 2 threads took more of a shared machine than 1
-    (bench/RESULTS.md, "Where the server's text throughput goes")."""
+    0 (the default) leaves torch's choice (OpenMP's: a thread per core of the affinity mask) unless it
+    exceeds ``cpus`` (``OMP_NUM_THREADS`` set larger, say): more threads than cores stall at every
+    parallel step, each waiting for a preempted one. Leaving one core of two to the event loop, the prep
+    threads and the clients was measured: on 2 cores that other work shared, 32 clients got the same
+    throughput from 1 thread as from 2, while 2 threads ran twice as fast whenever the second core was
+    free, so the default stays torch's (bench/RESULTS.md, "Where the server's text throughput goes")."""
     if requested:
         return requested
     return cpus if current > cpus else None

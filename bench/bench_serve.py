@@ -7,6 +7,12 @@ one item per request, back to back, a fixed number of times: every loop is bound
 overall deadline stops a run that hangs. Before the load, one ``openai`` client sends ``--single-calls``
 texts one after the other on one kept-open connection: the latency a lone client sees (p50, p99).
 
+Each text load also reports where the CPU went, since the clients run on the server's cores: the
+server's CPU seconds (its event loop's and its busiest threads', the model's first) and the seconds
+those threads waited for a CPU that something else held, the clients' own CPU seconds (``--client
+raw``: a kept-open ``http.client`` connection each, ~20x cheaper than httpx), and the text batches
+the server formed (``/metrics``).
+
 Without ``--model`` it writes a random checkpoint in BAAI/AltCLIP's full-size architecture (once, into
 ``--work-dir``) with a small test tokenizer, so nothing is downloaded::
 

@@ -175,13 +175,16 @@ async def _clients(url: str, clients: int, per_client: int, body, deadline_s: fl
     async with httpx.AsyncClient(base_url=url, timeout=deadline_s, limits=limits) as http:
         # open every connection (and warm up) before the clock starts
         await asyncio.gather(*(http.post(path, json=body(-1 - c)) for c in range(clients)))
-        start = time.perf_counter()
+        start, mine = time.perf_counter(), os.times()
         await asyncio.gather(*(one(c, http) for c in range(clients)))
-        wall = time.perf_counter() - start
+        wall, spent = time.perf_counter() - start, os.times()
+    # the clients share the server's cores: what they spent is CPU the server did not get
+    client_cpu = round(spent.user + spent.system - mine.user - mine.system, 2)
     engines = sorted({r.get("search", "?") for r in replies.values()}) if path == "/v1/search" else []
     return {"clients": clients, "queries": len(latencies), "errors": errors, "wall_s": round(wall, 2),
             "queries_per_s": round(len(latencies) / wall, 2) if wall else float("nan"),
-            "p50_ms": _pct(latencies, 0.50), "p99_ms": _pct(latencies, 0.99), "answered_by": engines,
+            "p50_ms": _pct(latencies, 0.50), "p99_ms": _pct(latencies, 0.99), "client_cpu_s": client_cpu,
+            "answered_by": engines,
             "_replies": replies}
 
 

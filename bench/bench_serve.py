@@ -7,6 +7,12 @@ one item per request, back to back, a fixed number of times: every loop is bound
 overall deadline stops a run that hangs. Before the load, one ``openai`` client sends ``--single-calls``
 texts one after the other on one kept-open connection: the latency a lone client sees (p50, p99).
 
+Each text load also reports where the CPU went, since the clients run on the server's cores: the
+server's CPU seconds (its event loop's and its busiest threads', the model's first) and the seconds
+those threads waited for a CPU that something else held, the clients' own CPU seconds (``--client
+raw``: a kept-open ``http.client`` connection each, ~20x cheaper than httpx), and the text batches
+the server formed (``/metrics``).
+
 Without ``--model`` it writes a random checkpoint in BAAI/AltCLIP's full-size architecture (once, into
 ``--work-dir``) with a small test tokenizer, so nothing is downloaded::
 
@@ -20,6 +26,7 @@ import base64
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -83,7 +90,77 @@ class Server:
                 self.proc.wait(30)
 
 
-def load(url: str, clients: int, per_client: int, make_body, deadline_s: float) -> dict:
+def server_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of each thread of ``pid``, by thread id
+    (the event loop's is ``pid``), from ``/proc/PID/task/TID/schedstat``."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ran, waited = (task / "schedstat").read_text().split()[:2]
+        except (OSError, ValueError):  # the thread ended
+            continue
+        out[int(task.name)] = (int(ran) / 1e9, int(waited) / 1e9)
+    return out
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(text batches run, text items in them) so far, from the server's /metrics."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        for name in ("altclip_batch_items_count", "altclip_batch_items_sum"):
+            if line.startswith(name + '{modality="text"}'):
+                values[name] = float(line.split()[-1])
+    return values.get("altclip_batch_items_count", 0.0), values.get("altclip_batch_items_sum", 0.0)
+
+
+def measured(url: str, pid: int, run) -> dict:
+    """``run()``'s result plus what it cost: the server's CPU seconds (the event loop's, the busiest
+    other threads'), this process's (the clients'), the text batches formed and the load average."""
+    before, batches = server_cpu(pid), batch_stats(url)
+    mine = os.times()
+    result = run()
+    clients = os.times()
+    after, batches_after = server_cpu(pid), batch_stats(url)
+    spent = sorted((after[t][0] - before.get(t, (0.0, 0.0))[0], after[t][1] - before.get(t, (0.0, 0.0))[1], t)
+                   for t in after)
+    count, items = batches_after[0] - batches[0], batches_after[1] - batches[1]
+    result.update({
+        "server_cpu_s": round(sum(s for s, _, _ in spent), 2),
+        "server_loop_cpu_s": round(next((s for s, _, t in spent if t == pid), 0.0), 2),
+        # the busiest threads but the loop (the model's first): CPU seconds, and seconds spent runnable but
+        # waiting for a CPU (other processes had it)
+        "server_busiest_threads_cpu_s": [round(s, 2) for s, _, t in spent[::-1][:4] if t != pid],
+        "server_busiest_threads_runqueue_s": [round(w, 2) for s, w, t in spent[::-1][:4] if t != pid],
+        "client_cpu_s": round(clients.user + clients.system - mine.user - mine.system, 2),
+        "text_batches": int(count), "mean_text_batch": round(items / count, 1) if count else None,
+        "load_average_1min": os.getloadavg()[0]})
+    return result
+
+
+class RawClient:
+    """A kept-open ``http.client`` connection: the least client CPU per request (the load's clients share
+    the server's cores), against httpx's ~3x (``--client``)."""
+
+    def __init__(self, url: str, timeout: float):
+        import http.client
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+    def post(self, path: str, body: dict) -> int:
+        self.connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        reply = self.connection.getresponse()
+        reply.read()
+        return reply.status
+
+    def close(self):
+        self.connection.close()
+
+
+def load(url: str, clients: int, per_client: int, make_body, deadline_s: float, kind: str = "httpx") -> dict:
     import httpx
 
     latencies, errors = [], []
@@ -91,16 +168,21 @@ def load(url: str, clients: int, per_client: int, make_body, deadline_s: float) 
     stop_at = time.monotonic() + deadline_s
 
     def client(c):
-        with httpx.Client(base_url=url, timeout=deadline_s) as http:
+        http = httpx.Client(base_url=url, timeout=deadline_s) if kind == "httpx" else RawClient(url, deadline_s)
+        try:
             for k in range(per_client):
                 if time.monotonic() > stop_at:
                     return
                 start = time.perf_counter()
-                r = http.post("/v1/embeddings", json=make_body(c * per_client + k))
+                if kind == "httpx":
+                    status = http.post("/v1/embeddings", json=make_body(c * per_client + k)).status_code
+                else:
+                    status = http.post("/v1/embeddings", make_body(c * per_client + k))
                 elapsed = time.perf_counter() - start
                 with lock:
-                    (latencies if r.status_code == 200 else errors).append(elapsed if r.status_code == 200
-                                                                          else r.status_code)
+                    (latencies if status == 200 else errors).append(elapsed if status == 200 else status)
+        finally:
+            http.close()
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -155,6 +237,12 @@ def main(argv=None) -> int:
                         help="only the single-client latency, on the defaults (no load runs)")
     parser.add_argument("--deadline-s", type=float, default=300, help="per load run")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--modes", default="dynamic batching,no batching",
+                        help="comma-separated: which servers to run ('dynamic batching', 'no batching')")
+    parser.add_argument("--client", choices=["httpx", "raw"], default="httpx",
+                        help="the text load's clients: httpx (as before) or a kept-open http.client connection, "
+                             "which spends less of the shared CPU per request")
+    parser.add_argument("--serve-flags", default="", help="more serve flags for every server (one string)")
     args = parser.parse_args(argv)
 
     model = Path(args.model) if args.model else build_checkpoint(Path(args.work_dir) / args.arch, args.arch)
@@ -177,10 +265,10 @@ def main(argv=None) -> int:
 
     modes = {"dynamic batching": [], "no batching": ["--max-batch-images", "1", "--max-batch-tokens", str(longest)]}
     results = {"model": str(model), "dtype": args.dtype, "cpu_threads": os.cpu_count(), "runs": []}
-    if args.latency_only:
-        modes = {"dynamic batching": modes["dynamic batching"]}
+    modes = {m: modes[m] for m in (["dynamic batching"] if args.latency_only else args.modes.split(","))}
+    results["serve_flags"] = args.serve_flags
     for mode, options in modes.items():
-        server = Server(model, args.dtype, options)
+        server = Server(model, args.dtype, options + shlex.split(args.serve_flags))
         try:
             load(server.url, 2, 1, lambda i: {"input": [text(i)]}, args.deadline_s)  # warm up
             if args.single_calls and mode == "dynamic batching":
@@ -189,8 +277,9 @@ def main(argv=None) -> int:
                                   **results["single_client"]}), flush=True)
             if args.latency_only:
                 continue
-            row = load(server.url, args.text_clients, args.texts_per_client, lambda i: {"input": [text(i)]},
-                       args.deadline_s)
+            row = measured(server.url, server.proc.pid, lambda: load(
+                server.url, args.text_clients, args.texts_per_client, lambda i: {"input": [text(i)]}, args.deadline_s,
+                args.client))
             results["runs"].append({"mode": mode, "kind": "text", **row})
             print(json.dumps(results["runs"][-1]), flush=True)
             if args.image_clients:

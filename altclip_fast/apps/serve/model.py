@@ -6,13 +6,51 @@ model. Rows come back L2-normalised as float32; a batch with non-finite rows fai
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .. import faults
 from .batching import BatchFailed
 from .tokens import TextTokens
 
-__all__ = ["ServedModel"]
+__all__ = ["ServedModel", "available_cpus", "model_threads", "use_model_threads"]
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask, as a container's cpuset limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def model_threads(requested: int, cpus: int, current: int) -> int | None:
+    """The forward pass's thread count for ``--threads requested`` on ``cpus`` cores, torch's count being
+    ``current``; ``None``: leave it.
+
+    0 (the default) leaves torch's choice (OpenMP's: a thread per core of the affinity mask) unless it
+    exceeds ``cpus`` (``OMP_NUM_THREADS`` set larger, say): more threads than cores stall at every
+    parallel step, each waiting for a preempted one. Leaving one core of two to the event loop, the prep
+    threads and the clients was measured: on 2 cores that other work shared, 32 clients got the same
+    throughput from 1 thread as from 2, while 2 threads ran twice as fast whenever the second core was
+    free, so the default stays torch's (bench/RESULTS.md, "Where the server's text throughput goes")."""
+    if requested:
+        return requested
+    return cpus if current > cpus else None
+
+
+def use_model_threads(requested: int, device) -> int | None:
+    """Sets torch's CPU thread count for the forward pass (``--threads``); returns it (``None``: unchanged,
+    as on a GPU)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cpu":
+        return None
+    threads = model_threads(requested, available_cpus(), torch.get_num_threads())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads
 
 
 class ServedModel:

@@ -93,6 +93,9 @@ class ServeOptions:
                                          "0 keeps none (default: 4096)")
     preprocess_workers: int = setting(default_factory=_default_workers, flag="--preprocess-workers", minimum=1,
                                       help="threads that tokenize and decode images (default: up to 4)")
+    threads: int = setting(0, flag="--threads", minimum=0,
+                           help="CPU threads of the model's forward pass (default: 0, torch's choice, a thread "
+                                "per core, at most the cores this process may use)")
     max_request_pixels: int = setting(
         120_000_000, flag="--max-request-pixels", minimum=1,
         help="image pixels per request, summed from the image headers before any is decoded, else 413 "

@@ -14,7 +14,7 @@ from ...errors import UsageError
 from .app import create_app
 from .collections import Collections
 from .connections import ConnectionLimits, OutOfFilesNotice, guarded_protocol
-from .model import ServedModel
+from .model import ServedModel, use_model_threads
 from .options import Listen, ServeOptions
 
 __all__ = ["ACCEPT_BACKLOG", "FILES_SPARE", "INSTALL_HINT", "SERVE_MODULES", "bind", "check_serve_dependencies",
@@ -96,6 +96,7 @@ def run(args, session_factory) -> int:
 
     sock = bind(Listen.from_args(args))
     session = session_factory()
+    use_model_threads(options.threads, session.device)  # before the model loads and warms up
     model = ServedModel.from_session(session)
     model.probe()  # warm up, and fail here rather than on the first request
     host, port = sock.getsockname()[:2]

@@ -155,3 +155,46 @@ def test_a_failing_batch_fails_only_its_requests():
 def test_limits_are_checked():
     with pytest.raises(ValueError):
         Batcher(Recorder(), None, max_batch_tokens=0, max_batch_images=1, max_wait_ms=1, max_queue=1)
+
+
+def test_everything_queued_while_a_batch_runs_goes_into_the_next_one():
+    """32 concurrent one-text requests behind a running batch form one batch, not several: what the server
+    needs at 32 clients (bench/RESULTS.md, "Where the server's text throughput goes")."""
+    recorder = Recorder()
+    recorder.gate.clear()  # the first batch holds the model until all the others are queued
+
+    async def body(batcher):
+        first = batcher.submit("text", ["first"], [8])
+        while not recorder.batches and batcher.depth:  # bounded by run()'s 20 s
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # the first batch is in the model thread, waiting at the gate
+        rest = [batcher.submit("text", [f"r{i}"], [8]) for i in range(31)]
+        assert batcher.depth == 31
+        recorder.gate.set()
+        return await asyncio.gather(*first, *(f for futures in rest for f in futures))
+
+    rows = run(_with_batcher(recorder, body, max_batch_tokens=8192, max_wait_ms=5, max_queue=64))
+    assert [len(p) for _, p in recorder.batches] == [1, 31]
+    assert rows == [("text", "first")] + [("text", f"r{i}") for i in range(31)]
+
+
+def test_closed_loop_clients_keep_batches_large():
+    """32 clients that each send again as soon as answered (staggered at first, as real ones are): after the
+    first round every batch takes all that is queued. The clients split into cohorts that alternate (one
+    is answered while the other's batch runs; here 12 and 20), as in the real server, so batches average
+    at least a quarter of the clients, and none is a lone item once the load is on."""
+    recorder = Recorder(delay=0.03)
+
+    async def body(batcher):
+        async def client(c):
+            await asyncio.sleep(0.003 * c)  # arrivals spread over ~0.1 s, longer than max_wait
+            for k in range(4):
+                await asyncio.gather(*batcher.submit("text", [f"c{c}-{k}"], [8]))
+
+        await asyncio.gather(*(client(c) for c in range(32)))
+
+    run(_with_batcher(recorder, body, max_batch_tokens=8192, max_wait_ms=5, max_queue=64))
+    sizes = [len(p) for _, p in recorder.batches]
+    assert sum(sizes) == 128
+    assert sum(sizes) / len(sizes) >= 32 / 4, sizes
+    assert min(sizes[len(sizes) // 2:]) > 1, sizes

@@ -61,8 +61,10 @@ def test_the_generated_flags_are_the_hand_written_ones():
     assert 1 <= workers.default <= 4
     groups = {g.title: [a.option_strings[0] for a in g._group_actions] for g in parser._action_groups}
     assert groups["server"] == ["--host", "--port", "--api-key", "--served-model-name"]
-    assert groups["batching and limits"] == [f for f, *_ in BEFORE[4:]] + ["--preprocess-workers",
+    assert groups["batching and limits"] == [f for f, *_ in BEFORE[4:]] + ["--preprocess-workers", "--threads",
                                                                            "--max-request-pixels"]
+    threads = actions["--threads"]
+    assert (threads.dest, threads.default, threads.type) == ("threads", 0, int)
     assert groups["connections and hosts"] == ["--allow-host", "--max-connections", "--timeout-keep-alive",
                                                "--timeout-header", "--timeout-body", "--timeout-graceful-shutdown",
                                                "--cors-allow-origin"]
@@ -125,6 +127,7 @@ def test_the_api_key_comes_from_the_flag_or_the_environment(monkeypatch):
     (["--max-request-pixels", "0"], "--max-request-pixels must be at least 1, got 0"),
     (["--max-wait-ms", "-1"], "--max-wait-ms must be at least 0, got -1.0"),
     (["--label-cache", "-1"], "--label-cache must be at least 0, got -1"),
+    (["--threads", "-1"], "--threads must be at least 0, got -1"),
     (["--thumbnail-size", "-1"], "--thumbnail-size must be at least 0, got -1"),
     (["--thumbnail-cache-mb", "-5"], "--thumbnail-cache-mb must be at least 0, got -5"),
     (["--cors-allow-origin", "http://127.0.0.1:3005/"],

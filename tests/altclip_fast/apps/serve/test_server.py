@@ -100,6 +100,21 @@ def test_the_openai_client_works_unchanged(model_dir, direct):
         server.kill()
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_threads_sets_the_forward_pass_threads(model_dir, direct, threads):
+    """``--threads N``: the ready line says the torch thread count the model runs with, and it answers."""
+    srv = Server(model_dir, "--threads", threads)
+    try:
+        assert READY.match(srv.ready_line) and f" with {threads} threads, listening on " in srv.ready_line, \
+            srv.ready_line
+        with httpx.Client(base_url=srv.url, timeout=60) as client:
+            r = embed(client, ["a photo of a cat"])
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], direct["text"]("a photo of a cat"), atol=2e-5)
+    finally:
+        srv.kill()
+
+
 def test_sigterm_finishes_requests_in_flight_then_exits_0(model_dir, direct):
     srv = Server(model_dir, "--max-batch-tokens", "8", slow_forward_ms=500)
     try:

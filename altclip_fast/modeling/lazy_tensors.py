@@ -128,8 +128,8 @@ class LazyStateDict(Mapping):
         flat = out.view(-1) if out.is_contiguous() else None
         numel = shape.numel()
         step = max(1, CHUNK_BYTES // dtype.itemsize)
-        if self._buffer is None:
-            self._buffer = bytearray(CHUNK_BYTES)
+        if self._buffer is None or len(self._buffer) < step * dtype.itemsize:
+            self._buffer = bytearray(step * dtype.itemsize)
         buffer = self._buffer
         target = flat if flat is not None else torch.empty(numel, dtype=out.dtype, device=out.device)
         for start in range(0, numel, step):

@@ -1,6 +1,6 @@
 """Peak RSS of ``AltCLIPModel.from_pretrained`` against the model it leaves resident (issue 20).
 
-Each load runs in a fresh subprocess, so the peak (``ru_maxrss``) is that load's alone. The resident
+Each load runs in a fresh subprocess, so the peak (``VmHWM``) is that load's alone. The resident
 model is the parameter bytes plus the prepare step's derived copies (``derived_nbytes``).
 
     PYTHONPATH=. python bench/bench_load_memory.py MODEL_DIR --dtype bfloat16 float32 [--repeat N]
@@ -13,19 +13,23 @@ import json
 import subprocess
 import sys
 
+# VmHWM, not ru_maxrss: the latter starts from the forking process's peak.
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 import altclip_fast.modeling.model as m
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+before = status("VmRSS")
 start = time.perf_counter()
 model = m.AltCLIPModel.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 params = sum(p.numel() * p.element_size() for p in model.parameters())
 for p in model.parameters():  # weights still paged in from the file count once touched, as by a forward
     p.sum()
-touched = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+touched = status("VmHWM")
 print(json.dumps(dict(before=before, peak=peak, touched=touched, params=params, derived=model.derived_nbytes(),
                       seconds=seconds)))
 """

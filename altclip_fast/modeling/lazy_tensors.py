@@ -68,7 +68,10 @@ class _File:
             for n in shape:
                 numel *= n
             if dtype is None or end - begin != numel * dtype.itemsize or self.data_start + end > self.size:
-                raise CheckpointError(f"{path}: tensor {key} has a bad header entry or lies past the end of the file")
+                raise CheckpointError(
+                    f"{path} could not be read (tensor {key} has a bad header entry or lies past the end of the "
+                    "file); it may be truncated or corrupt: download it again"
+                )
             self.entries[key] = (dtype, torch.Size(shape), self.data_start + begin)
 
     def readinto(self, offset: int, view: memoryview) -> None:

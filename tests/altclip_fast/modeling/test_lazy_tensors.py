@@ -81,7 +81,7 @@ def test_rekeyed_reads_nothing_and_refuses_collisions(file):
 def test_truncated_file_is_a_checkpoint_error(file):
     data = file.read_bytes()
     file.write_bytes(data[:-10])
-    with pytest.raises(CheckpointError, match="past the end"):
+    with pytest.raises(CheckpointError, match="could not be read.*past the end.*truncated or corrupt"):
         open_safetensors([file])
     file.write_bytes(data[:6])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from altclip_fast.modeling.config import AltCLIPConfig
 from altclip_fast.modeling.model import checkpoint_shapes
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
 
 # Big enough that the file (180 MB in fp32) dwarfs torch's own allocations during a load, small
 # enough to write and load in a few seconds.
@@ -48,16 +48,19 @@ TINY = AltCLIPConfig(
     projection_dim=16,
 )
 
+# The peak is VmHWM, the high-water mark of this process's own memory: ru_maxrss would carry over the
+# peak of the process that forked it (pytest's, gigabytes after the full-size tests).
 _CHILD = r"""
-import json, resource, sys
+import json, sys
 import torch
 from altclip_fast.modeling.model import AltCLIPModel
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+def status(field):
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 AltCLIPModel.from_pretrained(sys.argv[2], dtype=getattr(torch, sys.argv[3]))
-before = rss()
+before = status("VmRSS")
 model = AltCLIPModel.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[3]))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 params = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps(dict(before=before, peak=peak, resident=params + model.derived_nbytes())))
 """

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,23 +23,33 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..model_files import WEIGHTS_FILES, find_weights, read_json, resolve_model_dir
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig, is_flagai_config, read_config_json
+from .lazy_tensors import LazyStateDict, can_read_lazily, open_safetensors
 
 __all__ = [
     "read_state_dict",
     "canonicalize_keys",
+    "rekey",
+    "tensor_spec",
+    "float_dtype",
+    "copy_into",
+    "release",
     "check_state_dict",
     "load_into",
     "Checkpoint",
     "load_checkpoint",
 ]
 
-def read_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read every tensor of the checkpoint in ``model_dir`` onto the CPU, keys as stored."""
+def read_state_dict(model_dir: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """The tensors of the checkpoint in ``model_dir``, keys as stored. safetensors files are read
+    lazily (a ``LazyStateDict``: each tensor is read when asked for, so a loader can convert it into
+    its destination without holding the file); ``pytorch_model.bin`` files are read whole."""
     weights = find_weights(model_dir)
     if weights is None:
         raise CheckpointError(f"{model_dir} has no weights: expected one of {', '.join(WEIGHTS_FILES)}")
     if weights.name.endswith(".index.json"):
         return _read_sharded(weights)
+    if weights.suffix == ".safetensors" and can_read_lazily():
+        return open_safetensors([weights])
     return _read_file(weights)
 
 
@@ -60,17 +70,23 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def _read_sharded(index_path: Path) -> Mapping[str, torch.Tensor]:
     index = read_json(index_path, error=CheckpointError)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path} is not a valid shard index (no 'weight_map' object)")
-    state: dict[str, torch.Tensor] = {}
+    shard_paths = []
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
             raise CheckpointError(f"{index_path} names shard {shard}, which is missing from {index_path.parent}")
-        state.update(_read_file(shard_path))
+        shard_paths.append(shard_path)
+    if index_path.name.startswith("model.safetensors") and can_read_lazily():
+        state: Mapping[str, torch.Tensor] = open_safetensors(shard_paths)
+    else:
+        state = {}
+        for shard_path in shard_paths:
+            state.update(_read_file(shard_path))
     listed_but_absent = sorted(set(weight_map) - set(state))
     if listed_but_absent:
         raise CheckpointError(
@@ -89,19 +105,65 @@ _VISION_LAYER = re.compile(r"^(|.*\.)(vision_model\.encoder)\.layer\.(\d+)\.")
 _TEXT_LAYER = re.compile(r"^(|.*\.)(roberta\.encoder)\.layers\.(\d+)\.")
 
 
-def canonicalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _canonical_key(key: str) -> str | None:
+    if _STALE_BUFFER.search(key) or _UNUSED_HEAD.search(key):
+        return None
+    key = _VISION_LAYER.sub(r"\1\2.layers.\3.", key)
+    return _TEXT_LAYER.sub(r"\1\2.layer.\3.", key)
+
+
+def canonicalize_keys(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """Rename keys to the transformers 4.38 layout and drop stale buffers and FlagAI's unused
-    ``transformation_pre`` head."""
+    ``transformation_pre`` head. A ``LazyStateDict`` stays lazy."""
+    return rekey(state_dict, _canonical_key)
+
+
+def rekey(state_dict: Mapping[str, torch.Tensor], rename: Callable[[str], str | None]) -> Mapping[str, torch.Tensor]:
+    """The same tensors under ``rename(key)`` (None: left out), without reading a lazy state dict."""
+    if isinstance(state_dict, LazyStateDict):
+        return state_dict.rekeyed(rename)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if _STALE_BUFFER.search(key) or _UNUSED_HEAD.search(key):
+        new = rename(key)
+        if new is None:
             continue
-        key = _VISION_LAYER.sub(r"\1\2.layers.\3.", key)
-        key = _TEXT_LAYER.sub(r"\1\2.layer.\3.", key)
-        if key in out:
-            raise CheckpointError(f"checkpoint holds {key} twice, under both layer layouts")
-        out[key] = value
+        if new in out:
+            raise CheckpointError(f"checkpoint holds {new} twice, under both layer layouts")
+        out[new] = value
     return out
+
+
+def tensor_spec(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """dtype and shape of ``state_dict[key]``, without reading a lazy state dict."""
+    if isinstance(state_dict, LazyStateDict):
+        dtype, shape = state_dict.spec(key)
+        return dtype, tuple(shape)
+    tensor = state_dict[key]
+    return tensor.dtype, tuple(tensor.shape)
+
+
+def float_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor, or None if there is none."""
+    for key in state_dict:
+        dtype = tensor_spec(state_dict, key)[0]
+        if dtype.is_floating_point:
+            return dtype
+    return None
+
+
+def copy_into(state_dict: Mapping[str, torch.Tensor], key: str, out: torch.Tensor) -> None:
+    """``out.copy_(state_dict[key])``; a lazy state dict converts into ``out`` as it reads, so the
+    stored tensor is never held whole."""
+    if isinstance(state_dict, LazyStateDict):
+        state_dict.read_into(key, out)
+    else:
+        out.copy_(state_dict[key])
+
+
+def release(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Tell a lazy state dict that loading is done: it closes its files and drops their cached pages."""
+    if isinstance(state_dict, LazyStateDict):
+        state_dict.release()
 
 
 def _preview(names: Iterable[str], limit: int = 20) -> str:
@@ -115,12 +177,13 @@ def check_state_dict(
 ) -> None:
     """Raise CheckpointError listing every missing key, unexpected key and shape mismatch (with shapes)
     between ``expected`` (key -> shape) and ``state_dict``."""
+    shape = lambda k: tensor_spec(state_dict, k)[1]  # noqa: E731
     missing = [f"{k} {tuple(expected[k])}" for k in sorted(set(expected) - set(state_dict))]
-    unexpected = [f"{k} {tuple(state_dict[k].shape)}" for k in sorted(set(state_dict) - set(expected))]
+    unexpected = [f"{k} {shape(k)}" for k in sorted(set(state_dict) - set(expected))]
     mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
+        f"{k}: checkpoint {shape(k)} vs model {tuple(expected[k])}"
         for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k])
+        if shape(k) != tuple(expected[k])
     ]
     problems = []
     if missing:
@@ -157,7 +220,7 @@ class Checkpoint(NamedTuple):
     """What a model class needs to build itself: its config and its canonical weights."""
 
     config: Any  # AltCLIPConfig, AltCLIPTextConfig or AltCLIPVisionConfig, as ``part`` asks
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]  # a LazyStateDict for safetensors files
     source: str  # the weights file, for error messages
 
 
@@ -187,7 +250,7 @@ def load_checkpoint(path_or_id: str | os.PathLike, part: str = "model") -> Check
     source = str(weights)
     if part == "vision" and model_type == config_cls.model_type and not any(k.startswith(prefix) for k in state):
         # transformers 5's standalone AltCLIPVisionModel dropped the "vision_model." level of 4.x.
-        state = {prefix + k: v for k, v in state.items()}
+        state = rekey(state, lambda k: prefix + k)
     state = canonicalize_keys(state)
     if part == "model" or model_type == config_cls.model_type:
         return Checkpoint(config_cls.from_dict(raw), state, source)
@@ -197,7 +260,7 @@ def load_checkpoint(path_or_id: str | os.PathLike, part: str = "model") -> Check
         )
     config = getattr(AltCLIPConfig.from_dict(raw), section)
     if part == "text":  # AltCLIPTextModel's own keys are the full model's minus "text_model."
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = rekey(state, lambda k: k[len(prefix):] if k.startswith(prefix) else None)
     else:  # AltCLIPVisionModel keeps the "vision_model." prefix, as in transformers
-        state = {k: v for k, v in state.items() if k.startswith(prefix)}
+        state = rekey(state, lambda k: k if k.startswith(prefix) else None)
     return Checkpoint(config, state, source)

@@ -19,7 +19,7 @@ from torch import nn
 from ..devices import auto_device
 from ..dtypes import resolve_dtype
 from ..model_files import find_weights, read_json, resolve_model_dir
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, float_dtype, load_checkpoint
 
 __all__ = ["AltCLIPCompatError", "InferenceAPI", "check_call_kwargs", "check_save_kwargs", "device_arg", "read_pretrained", "with_loading_info"]
 
@@ -183,10 +183,7 @@ def _auto_dtype(model_dir: Path | None, state_dict) -> torch.dtype:
         for key in ("dtype", "torch_dtype"):
             if isinstance(raw.get(key), str):
                 return resolve_dtype(raw[key])
-    for tensor in state_dict.values():
-        if tensor.is_floating_point():
-            return resolve_dtype(tensor.dtype)
-    return torch.float32
+    return resolve_dtype(float_dtype(state_dict) or torch.float32)
 
 
 def _config_override(config, loaded, section: str | None):

@@ -41,13 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dtypes import resolve_dtype
-from .checkpoint import check_state_dict, load_into
+from .checkpoint import check_state_dict, copy_into, float_dtype, load_into, rekey, release, tensor_spec
+from .lazy_tensors import LazyStateDict
 from .compat import InferenceAPI, check_call_kwargs, check_save_kwargs, device_arg, dtype_arg, read_pretrained, with_loading_info
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig
 from ..ops import PackedLayout, PaddedLayout, get_ops, resolve_backend
 from .layers import EncoderLayer, derived_nbytes
 from .weights import (
-    checkpoint_shapes_for, fuse_state_dict, model_key_map, prefixed, split_state_dict, text_key_map, vision_key_map,
+    checkpoint_shapes_for, model_key_map, prefixed, split_state_dict, text_key_map, vision_key_map,
 )
 from .outputs import AltCLIPOutput, BaseModelOutputWithPooling, BaseModelOutputWithPoolingAndProjection
 
@@ -80,10 +81,14 @@ def _check_device(device) -> None:
 
 def _load_fused(module: nn.Module, mapping, state_dict, *, dtype, device, source: str) -> None:
     """Check ``state_dict`` (canonical keys) against what ``module`` needs, build the fused tensors, and
-    assign them. Every checkpoint key is consumed and every parameter filled, or CheckpointError."""
+    assign them. Every checkpoint key is consumed and every parameter filled, or CheckpointError.
+
+    Each parameter is allocated once, in ``dtype`` on ``device``, and its checkpoint tensors are
+    converted into it one at a time (a lazy state dict a slice at a time): no second copy of the model,
+    in the checkpoint's dtype or as separate query, key and value, is ever held."""
     _check_device(device)
     check_state_dict(checkpoint_shapes_for(mapping, _param_shapes(module)), state_dict, source)
-    fast = fuse_state_dict(mapping, state_dict)
+    fast = {name: _gather(state_dict, sources, dtype, device) for name, sources in mapping.items()}
     owners = [m for m in module.modules() if isinstance(m, (_Tower, AltCLIPModel))]
     for m in owners:  # load_state_dict's post-hook would prepare from the converted parameters
         m._defer_prepare = True
@@ -92,9 +97,50 @@ def _load_fused(module: nn.Module, mapping, state_dict, *, dtype, device, source
     finally:
         for m in owners:
             m._defer_prepare = False
+    del fast
     # Derive from the checkpoint's own tensors: a fold is then rounded once, as plain weights are.
     params = dict(module.named_parameters())
-    module.prepare(sources={params[name]: tensor for name, tensor in fast.items()})
+    module.prepare(sources=_CheckpointSources({id(params[name]): keys for name, keys in mapping.items()}, state_dict))
+    release(state_dict)
+
+
+def _gather(state_dict, sources: tuple[str, ...], dtype, device) -> torch.Tensor:
+    """The parameter built from checkpoint keys ``sources`` (several: concatenated along dim 0),
+    converted to ``dtype`` (floating point only) on ``device``."""
+    stored, shape = tensor_spec(state_dict, sources[0])
+    target = dtype if stored.is_floating_point else stored
+    if len(sources) == 1 and not isinstance(state_dict, LazyStateDict):
+        return state_dict[sources[0]].to(device=device, dtype=target)  # no copy when nothing changes
+    shapes = [tensor_spec(state_dict, s)[1] for s in sources]
+    rows = [s[0] for s in shapes] if len(sources) > 1 else None
+    out = torch.empty((sum(rows), *shape[1:]) if rows else shape, dtype=target, device=device)
+    start = 0
+    for key, n in zip(sources, rows or [None]):
+        copy_into(state_dict, key, out if n is None else out[start:start + n])
+        start += n or 0
+    return out
+
+
+class _CheckpointSources(Mapping):
+    """parameter -> the checkpoint tensor it was loaded from, read only when the prepare step asks
+    (a fold reads its layer's two MLP weights, one layer at a time)."""
+
+    def __init__(self, keys_by_param: dict[int, tuple[str, ...]], state_dict):
+        self._keys, self._state = keys_by_param, state_dict
+
+    def __getitem__(self, param: torch.Tensor) -> torch.Tensor:
+        keys = self._keys[id(param)]
+        parts = [self._state[k] for k in keys]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def __contains__(self, param) -> bool:
+        return id(param) in self._keys
+
+    def __iter__(self):
+        raise TypeError("checkpoint sources are looked up by parameter, not iterated")
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _prepare_after_load(module, incompatible_keys) -> None:
@@ -110,7 +156,7 @@ def _load_pretrained(cls, part: str, key_map_fn, path_or_id, *, backend, strip: 
         path_or_id, part, dtype=options.pop("dtype"), torch_dtype=options.pop("torch_dtype"),
         device=options.pop("device"), device_map=options.pop("device_map"), kwargs=options,
     )
-    state = {(k[len(strip):] if strip and k.startswith(strip) else k): v for k, v in ckpt.state_dict.items()}
+    state = rekey(ckpt.state_dict, lambda k: k[len(strip):] if strip and k.startswith(strip) else k)
     with torch.device("meta"):
         model = cls(ckpt.config, backend=backend)
     _load_fused(model, key_map_fn(ckpt.config), state, dtype=resolve_dtype(dtype), device=device, source=ckpt.source)
@@ -770,7 +816,7 @@ class AltCLIPModel(InferenceAPI, nn.Module):
         ``dtype`` / ``torch_dtype`` and ``device`` / ``device_map`` as in :meth:`from_pretrained`."""
         dtype, device = dtype_arg(dtype, torch_dtype), device_arg(device, device_map)
         if isinstance(dtype, str) and dtype == "auto":
-            dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+            dtype = float_dtype(state_dict) or torch.float32
         with torch.device("meta"):
             model = cls(config, backend=backend)
         _load_fused(

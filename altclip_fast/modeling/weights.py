@@ -2,9 +2,10 @@
 
 A key map sends each fast parameter name to the checkpoint keys it is built from, in the canonical
 layout (transformers 4.38's, see ``checkpoint.canonicalize_keys``). Most parameters have one source;
-a fused QKV has three (query, key, value), concatenated along dim 0. Loading goes one way
-(``fuse_state_dict``), saving the other (``split_state_dict``), from the same map, so the two cannot
-drift apart.
+a fused QKV has three (query, key, value), concatenated along dim 0. Loading goes one way, saving
+the other (``split_state_dict``), from the same map, so the two cannot drift apart. The model's loader
+fills each parameter from the file in place, following the map (``model._load_fused``: no fused copy
+is built beside the sources); ``fuse_state_dict`` is the same step on tensors already in memory.
 
 Pure functions on names, shapes and tensors: no modules, no files.
 """

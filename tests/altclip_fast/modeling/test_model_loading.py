@@ -134,3 +134,23 @@ def test_weights_converted_once_to_the_requested_dtype(hf, tmp_path_factory, dty
     assert {p.dtype for p in vision.parameters()} == {dtype}
     with pytest.raises(ValueError, match="disagree"):
         fast.AltCLIPModel.from_pretrained(directory, dtype=torch.float32, torch_dtype=dtype)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_safetensors_streamed_into_bf16_equal_the_checkpoint_rounded_once(canonical, tmp_path, shards, monkeypatch):
+    from altclip_fast.modeling import lazy_tensors
+
+    monkeypatch.setattr(lazy_tensors, "CHUNK_BYTES", 100)  # every tensor arrives in many slices
+    monkeypatch.setenv("ALTCLIP_FAST_CPU_HALF_GEMM", "native")  # the fold is the oneDNN path's
+    fp32 = {k: v.float() for k, v in canonical.items()}
+    directory = save_raw(fp32, CONFIG, tmp_path / "ckpt", fmt="safetensors", shards=shards)
+    model = fast.AltCLIPModel.from_pretrained(directory, dtype=torch.bfloat16, backend="torch")
+    params = dict(model.named_parameters())
+    for name, sources in model_key_map(CONFIG).items():
+        want = torch.cat([fp32[s] for s in sources]) if len(sources) > 1 else fp32[sources[0]]
+        assert torch.equal(params[name], want.to(torch.bfloat16)), name
+    if TorchOps._onednn(torch.device("cpu"), torch.bfloat16):
+        got = model.vision_model.layers[1].prepared["fc1.weight"]
+        got = got.to_dense() if got.is_mkldnn else got
+        want = fp32["vision_model.encoder.layers.1.mlp.fc1.weight"] * QUICK_GELU_ALPHA
+        assert torch.equal(got, want.to(torch.bfloat16))  # from the file's fp32, rounded once

@@ -67,7 +67,7 @@ def test_every_parameter_comes_from_the_checkpoint(canonical):
 
 def test_quick_gelu_fold_happens_in_fp32_before_rounding(canonical, monkeypatch):
     monkeypatch.setenv("ALTCLIP_FAST_CPU_HALF_GEMM", "native")  # the fold is the oneDNN path's
-    if not TorchOps._onednn(torch.device("cpu"), torch.bfloat16):
+    if not TorchOps()._onednn(torch.device("cpu"), torch.bfloat16):
         pytest.skip("oneDNN fused linear unavailable: no fold on this CPU")
     model = fast.AltCLIPModel.from_state_dict(CONFIG, canonical, dtype="bf16", backend="torch")
     got = model.vision_model.layers[0].prepared["fc1.weight"]
@@ -149,7 +149,7 @@ def test_safetensors_streamed_into_bf16_equal_the_checkpoint_rounded_once(canoni
     for name, sources in model_key_map(CONFIG).items():
         want = torch.cat([fp32[s] for s in sources]) if len(sources) > 1 else fp32[sources[0]]
         assert torch.equal(params[name], want.to(torch.bfloat16)), name
-    if TorchOps._onednn(torch.device("cpu"), torch.bfloat16):
+    if TorchOps()._onednn(torch.device("cpu"), torch.bfloat16):
         got = model.vision_model.layers[1].prepared["fc1.weight"]
         got = got.to_dense() if got.is_mkldnn else got
         want = fp32["vision_model.encoder.layers.1.mlp.fc1.weight"] * QUICK_GELU_ALPHA

@@ -27,7 +27,7 @@ def native_half_gemms(monkeypatch):
 
 BF16 = torch.bfloat16
 ALPHA = 1.702  # CLIP's quick_gelu constant, spelled out here independently of the library
-FOLDED = TorchOps._onednn(torch.device("cpu"), BF16)
+FOLDED = TorchOps()._onednn(torch.device("cpu"), BF16)
 PACKED = FOLDED and onednn.prepack_works(BF16)
 
 

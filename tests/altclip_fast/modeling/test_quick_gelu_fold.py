@@ -28,7 +28,7 @@ def native_half_gemms(monkeypatch):
     ("auto") derives none (its GEMMs run in fp32: test_cpu_half.py)."""
     monkeypatch.setenv("ALTCLIP_FAST_CPU_HALF_GEMM", "native")
 
-FOLDED = tb.TorchOps._onednn(torch.device("cpu"), torch.bfloat16)
+FOLDED = tb.TorchOps()._onednn(torch.device("cpu"), torch.bfloat16)
 # transformers' quick_gelu is x * sigmoid(alpha * x): read alpha off it rather than restating it.
 _q = ACT2FN["quick_gelu"](torch.tensor(1.0, dtype=torch.float64)).item()
 ALPHA = math.log(_q / (1 - _q))
@@ -82,7 +82,8 @@ def check_bf16_fold_factors(canonical):
 
 
 def test_fp32_fold_is_transformers_quick_gelu_mlp(canonical, monkeypatch):
-    monkeypatch.setattr(tb.TorchOps, "_onednn", staticmethod(lambda device, dtype: True))  # fold fp32 too
+    monkeypatch.setattr(tb.TorchOps, "_onednn", staticmethod(lambda device, dtype: True))
+    monkeypatch.setattr(tb.TorchOps, "_prepares", lambda self, device, dtype: True)  # fold fp32 too
     check_fp32_fold(canonical)
 
 
@@ -96,6 +97,7 @@ def test_both_checks_reject_a_wrong_factor(canonical, monkeypatch, wrong):
     monkeypatch.setattr(tb, "QUICK_GELU_FOLD", WRONG[wrong])
     with monkeypatch.context() as m:
         m.setattr(tb.TorchOps, "_onednn", staticmethod(lambda device, dtype: True))
+        m.setattr(tb.TorchOps, "_prepares", lambda self, device, dtype: True)
         with pytest.raises(AssertionError):
             check_fp32_fold(canonical)
     if FOLDED:

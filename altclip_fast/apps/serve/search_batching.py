@@ -4,8 +4,11 @@ The first query for a (collection, index) opens a group; queries arriving within
 (up to ``max_batch``), and the group is searched as one ``[q, dim]`` query matrix for the largest ``k``
 asked, each query then keeping its own first ``k``: the same rows as a search of its own, since the
 top ``k`` of a larger top list is the top ``k``. The scan over the shards, which dominates a large
-collection's search, is then read once per group rather than once per query. Pure asyncio; the
-searches themselves run where ``run`` puts them (the search thread).
+collection's search, is then read once per group rather than once per query. While a group of an
+index is being searched, its next group keeps filling and starts when that search ends: closing it
+after ``wait_ms`` would queue one small group after another behind the running search, each paying
+the whole scan (at 1M rows, 32 concurrent clients' searches ran one by one: 1.3x one client's rate).
+Pure asyncio; the searches themselves run where ``run`` puts them (the search thread).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class SearchBatcher:
     def __init__(self, run: Callable[..., Awaitable], *, wait_ms: float = SEARCH_WAIT_MS,
                  max_batch: int = SEARCH_MAX_BATCH):
         self.run, self.wait_s, self.max_batch = run, wait_ms / 1000, max_batch
-        self.pending: dict[tuple[str, str], list] = {}
+        self.pending: dict[tuple[str, str, str], list] = {}
+        self.busy: set[tuple[str, str, str]] = set()  # keys with a group being searched
         self.batches = 0  # groups searched (a test's window on the grouping)
 
     async def search(self, collection, index: str, row: np.ndarray, k: int, engine: str = "exact") -> list:
@@ -38,22 +42,36 @@ class SearchBatcher:
         future = loop.create_future()
         group = self.pending.setdefault(key, [])
         group.append((row, k, future))
-        if len(group) >= self.max_batch:
-            self._start(key, collection)
-        elif len(group) == 1:
-            loop.call_later(self.wait_s, self._start, key, collection, group)
+        if key not in self.busy:  # else the running search's end starts this group
+            if len(group) >= self.max_batch:
+                self._start(key, collection)
+            elif len(group) == 1:
+                loop.call_later(self.wait_s, self._start, key, collection, group)
         return await future
 
     def _start(self, key, collection, group=None) -> None:
-        """Search the pending group of ``key`` (when ``group`` is given: only if it is still pending)."""
+        """Search up to ``max_batch`` pending queries of ``key``, unless a search of ``key`` is running
+        (when ``group`` is given, a timer's: only if that group is still the pending one)."""
         current = self.pending.get(key)
-        if current is None or (group is not None and current is not group):
-            return  # already searched, by the size limit
-        del self.pending[key]
-        task = asyncio.ensure_future(self._flush(collection, key[1:], current))
+        if key in self.busy or current is None or (group is not None and current is not group):
+            return
+        taken, rest = current[:self.max_batch], current[self.max_batch:]
+        if rest:
+            self.pending[key] = rest
+        else:
+            del self.pending[key]
+        self.busy.add(key)
+        task = asyncio.ensure_future(self._flush(collection, key, taken))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _flush(self, collection, how: tuple[str, str], group: list) -> None:
+    async def _flush(self, collection, key: tuple[str, str, str], group: list) -> None:
+        try:
+            await self._search(collection, key[1:], group)
+        finally:
+            self.busy.discard(key)
+            self._start(key, collection)  # what arrived meanwhile has waited long enough
+
+    async def _search(self, collection, how: tuple[str, str], group: list) -> None:
         live = [(row, k, f) for row, k, f in group if not f.done()]  # a cancelled request is dropped
         if not live:
             return

@@ -76,6 +76,31 @@ def test_a_full_group_is_searched_at_once_and_the_rest_waits(collection):
         _same(got, collection.search("image", q[None], 3)[0])
 
 
+def test_queries_arriving_during_a_search_wait_for_it_as_one_group(collection):
+    """While a search runs, later queries (each past the batching window) form one group that starts
+    when it ends, not one small group each queued behind it."""
+    async def go():
+        sizes = []
+
+        async def run(fn, *args):
+            sizes.append(len(args[1]))
+            await asyncio.sleep(0.15)  # a long scan
+            return fn(*args)
+
+        searcher = SearchBatcher(run, wait_ms=2)
+        first = asyncio.ensure_future(searcher.search(collection, "image", np.ones(DIM, np.float32), 2))
+        await asyncio.sleep(0.03)
+        later = []
+        for i in range(5):
+            later.append(asyncio.ensure_future(searcher.search(collection, "image", np.eye(DIM, dtype=np.float32)[i], 3)))
+            await asyncio.sleep(0.01)  # five times the window apart
+        return await first, await asyncio.gather(*later), sizes
+    first, later, sizes = asyncio.run(go())
+    assert sizes == [1, 5]
+    for i, got in enumerate(later):
+        _same(got, collection.search("image", np.eye(DIM, dtype=np.float32)[i][None], 3)[0])
+
+
 def test_a_failed_search_fails_every_query_of_its_group(collection):
     async def go():
         async def run(fn, *args):

@@ -20,22 +20,27 @@ from pathlib import Path
 import numpy as np
 
 
-def make(root: Path, rows: int, dim: int, shard_size: int, seed: int = 0, dtype: str = "float16") -> None:
+def make(root: Path, rows: int, dim: int, shard_size: int, seed: int = 0, dtype: str = "float16",
+         captions: bool = False) -> None:
+    """``rows`` random unit rows in ``embed --out-dir``'s layout under ``root``, each shard's metadata
+    (``key``, and ``caption`` on request) written before its embeddings, as ``embed`` publishes them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    (root / "img_emb").mkdir(parents=True)
-    (root / "metadata").mkdir()
+    (root / "img_emb").mkdir(parents=True, exist_ok=True)
+    (root / "metadata").mkdir(exist_ok=True)
     shards = range(0, rows, shard_size)
     width = len(str(len(shards) - 1))
     for k, start in enumerate(shards):
         n = min(shard_size, rows - start)
         x = rng.standard_normal((n, dim), dtype=np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
+        columns = {"key": [f"{start + i:09d}" for i in range(n)]}
+        if captions:
+            columns["caption"] = [f"row {start + i}" for i in range(n)]
+        pq.write_table(pa.table(columns), root / "metadata" / f"metadata_{k:0{width}d}.parquet")
         np.save(root / "img_emb" / f"img_emb_{k:0{width}d}.npy", x.astype(dtype))
-        pq.write_table(pa.table({"key": [f"{start + i:09d}" for i in range(n)]}),
-                       root / "metadata" / f"metadata_{k:0{width}d}.parquet")
 
 
 def main() -> None:

@@ -53,10 +53,9 @@ def text(i: int) -> str:
 
 
 def build_collection(root: Path, rows: int, dim: int, shard_size: int, seed: int = 0) -> Path:
-    """``rows`` random unit float16 rows in ``embed --out-dir``'s layout under ``root`` (reused when a
-    finished one with the same sizes is there)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """``rows`` random unit float16 rows with captions in ``embed --out-dir``'s layout under ``root``
+    (``bench_search.make``; reused when a finished one with the same sizes is there)."""
+    from bench_search import make
 
     stamp = {"rows": rows, "dim": dim, "shard_size": shard_size, "seed": seed}
     done = root / "bench-collection.json"
@@ -66,17 +65,7 @@ def build_collection(root: Path, rows: int, dim: int, shard_size: int, seed: int
         (root / sub).mkdir(parents=True, exist_ok=True)
         for old in (root / sub).iterdir():
             old.unlink()
-    rng = np.random.default_rng(seed)
-    starts = range(0, rows, shard_size)
-    width = len(str(len(starts) - 1))
-    for k, start in enumerate(starts):
-        n = min(shard_size, rows - start)
-        x = rng.standard_normal((n, dim), dtype=np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        pq.write_table(pa.table({"key": [f"{start + i:09d}" for i in range(n)],
-                                 "caption": [f"row {start + i}" for i in range(n)]}),
-                       root / "metadata" / f"metadata_{k:0{width}d}.parquet")
-        np.save(root / "img_emb" / f"img_emb_{k:0{width}d}.npy", x.astype(np.float16))
+    make(root, rows, dim, shard_size, seed, captions=True)
     done.write_text(json.dumps(stamp))
     return root
 

@@ -23,7 +23,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..model_files import WEIGHTS_FILES, find_weights, read_json, resolve_model_dir
 from .config import AltCLIPConfig, AltCLIPTextConfig, AltCLIPVisionConfig, is_flagai_config, read_config_json
-from .lazy_tensors import LazyStateDict, can_read_lazily, open_safetensors
+from .lazy_tensors import LazyStateDict, can_read_lazily, open_safetensors, renamed
 
 __all__ = [
     "read_state_dict",
@@ -122,15 +122,7 @@ def rekey(state_dict: Mapping[str, torch.Tensor], rename: Callable[[str], str | 
     """The same tensors under ``rename(key)`` (None: left out), without reading a lazy state dict."""
     if isinstance(state_dict, LazyStateDict):
         return state_dict.rekeyed(rename)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        new = rename(key)
-        if new is None:
-            continue
-        if new in out:
-            raise CheckpointError(f"checkpoint holds {new} twice, under both layer layouts")
-        out[new] = value
-    return out
+    return renamed(state_dict.items(), rename)
 
 
 def tensor_spec(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[torch.dtype, tuple[int, ...]]:

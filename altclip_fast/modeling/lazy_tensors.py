@@ -23,7 +23,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["LazyStateDict", "open_safetensors", "can_read_lazily"]
+__all__ = ["LazyStateDict", "open_safetensors", "can_read_lazily", "renamed"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -95,6 +95,20 @@ class _File:
         self._handle = None
 
 
+def renamed(items, rename: Callable[[str], str | None]) -> dict:
+    """``{rename(key): value}`` over ``(key, value)`` pairs, leaving out keys it maps to None; two keys
+    renamed alike are a CheckpointError (a checkpoint holding a layer under both layouts)."""
+    out = {}
+    for key, value in items:
+        new = rename(key)
+        if new is None:
+            continue
+        if new in out:
+            raise CheckpointError(f"checkpoint holds {new} twice, under both layer layouts")
+        out[new] = value
+    return out
+
+
 class LazyStateDict(Mapping):
     """A state dict whose tensors stay in their files until asked for. ``spec(key)`` gives dtype and
     shape without reading; ``read_into(key, out)`` converts the stored tensor into ``out`` slice by
@@ -145,15 +159,7 @@ class LazyStateDict(Mapping):
 
     def rekeyed(self, rename: Callable[[str], str | None]) -> "LazyStateDict":
         """The same tensors under ``rename(key)``; keys it maps to None are left out. Reads nothing."""
-        entries = {}
-        for key, entry in self._entries.items():
-            new = rename(key)
-            if new is None:
-                continue
-            if new in entries:
-                raise CheckpointError(f"checkpoint holds {new} twice, under both layer layouts")
-            entries[new] = entry
-        return LazyStateDict(entries)
+        return LazyStateDict(renamed(self._entries.items(), rename))
 
     def release(self) -> None:
         """Close the files and drop their cached pages (see ``_File.release``); reading again reopens."""
